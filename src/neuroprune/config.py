@@ -1,0 +1,125 @@
+"""`NeuroPruneConfig`: every knob of the method in one typed, validated dataclass (peft-style)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from .errors import ConfigError
+
+MergeMode = Literal["output", "mlp_input", "none"]
+MERGE_MODES: tuple[str, ...] = ("output", "mlp_input", "none")
+
+
+@dataclass
+class NeuroPruneConfig:
+    """Hyper-parameters of NeuroPrune (see `method.md`).
+
+    Attributes:
+        alpha: weight of the preferential-attachment l1 penalty on MLP rows (method.md sec. 1).
+            0 switches it off.
+        beta: weight of the l_{1,0.5} group penalty on attention input dimensions (sec. 2).
+            0 switches it off.
+        theta: l_inf distance at or below which two heads (or GQA key/value groups) count as
+            similar (sec. 4). The paper uses 0.15-0.25 for classification, 0.1-0.4 for
+            translation.
+        eps: magnitude below which a weight counts as absent, both for neuron degrees and for
+            `finalize()`.
+        merge: how a removed head is folded into its replacement. ``"output"`` (default) adds its
+            slice of the output projection into the survivor's slice, which preserves the
+            function exactly when the heads are identical; ``"mlp_input"`` is the paper's literal
+            wording (add the head's slice of the layer's MLP expand matrix into the survivor's
+            slice); ``"none"`` drops the head without merging.
+        prune_heads: set False to train with the regularisers only and never remove heads.
+        tiny: added inside the square root of the group penalty so its gradient is finite at 0.
+        attention_modules: optional regex; only attention blocks whose module name matches
+            (``re.search``) are regularised and pruned.
+        mlp_modules: optional regex; only MLP blocks whose module name matches are regularised.
+        exclude_modules: optional regex; blocks whose name matches are left alone.
+        attention_layouts: extra attention layouts tried before the built-in registry, for an
+            architecture the registry does not know. Each is a dict with the fields of
+            `neuroprune.architectures.AttentionLayout`, e.g.
+            ``{"q": "wq", "k": "wk", "v": "wv", "o": "wo"}``.
+        mlp_layouts: extra MLP layouts, dicts with the fields of
+            `neuroprune.architectures.MLPLayout`, e.g. ``{"up": "w1", "down": "w2"}``.
+    """
+
+    alpha: float = 1e-4
+    beta: float = 1e-4
+    theta: float = 0.15
+    eps: float = 1e-4
+    merge: MergeMode = "output"
+    prune_heads: bool = True
+    tiny: float = 1e-12
+    attention_modules: str | None = None
+    mlp_modules: str | None = None
+    exclude_modules: str | None = None
+    attention_layouts: list[dict[str, Any]] = field(default_factory=list)
+    mlp_layouts: list[dict[str, Any]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise `ConfigError` naming the first bad field, its value and what is allowed."""
+        for name in ("alpha", "beta"):
+            _number(name, getattr(self, name), lower=0.0, inclusive=True)
+        _number("theta", self.theta, lower=0.0, inclusive=False)
+        _number("eps", self.eps, lower=0.0, inclusive=False)
+        _number("tiny", self.tiny, lower=0.0, inclusive=False)
+        if self.merge not in MERGE_MODES:
+            raise ConfigError(f"merge={self.merge!r} is not one of {', '.join(MERGE_MODES)}.")
+        if not isinstance(self.prune_heads, bool):
+            raise ConfigError(f"prune_heads must be true or false, got {self.prune_heads!r}.")
+        import re
+
+        for name in ("attention_modules", "mlp_modules", "exclude_modules"):
+            pattern = getattr(self, name)
+            if pattern is None:
+                continue
+            try:
+                re.compile(pattern)
+            except (re.error, TypeError) as err:
+                raise ConfigError(f"{name}={pattern!r} is not a valid regular expression: {err}.") from None
+        from .architectures import AttentionLayout, MLPLayout
+
+        for name, cls in (("attention_layouts", AttentionLayout), ("mlp_layouts", MLPLayout)):
+            for layout in getattr(self, name):
+                cls.from_dict(layout, source=name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> NeuroPruneConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown NeuroPruneConfig field(s) {unknown}; known fields are {sorted(known)}."
+            )
+        return cls(**data)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2))
+
+    @classmethod
+    def load(cls, path: str | Path) -> NeuroPruneConfig:
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist.") from None
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"config file {path} is not valid JSON: {err}.") from None
+
+
+def _number(name: str, value: Any, *, lower: float, inclusive: bool) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {value!r}.")
+    if value < lower or (value == lower and not inclusive):
+        bound = f">= {lower}" if inclusive else f"> {lower}"
+        raise ConfigError(f"{name}={value!r} is out of range: {name} must be {bound}.")

@@ -1,0 +1,99 @@
+"""Redundant-head pruning (method.md section 4, paper Algorithms 2 and 3): similarity graph,
+the paper's greedy FIND_DOMINATING, and the merge + removal of dominated heads."""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import ConfigError
+from .surgery import ParamChange, weight_matrix
+from .units import AttentionUnit, MLPUnit
+
+
+def similarity_graph(blocks: torch.Tensor, theta: float) -> torch.Tensor:
+    """S[i, j] = 1 iff max |A_Hi - A_Hj| <= theta (l_inf distance of parameter blocks); S_ii = 1."""
+    n = blocks.shape[0]
+    dist = torch.stack([(blocks - blocks[i]).abs().amax(dim=1) for i in range(n)])
+    sim = (dist <= theta).to(torch.int64)
+    sim.fill_diagonal_(1)
+    return sim
+
+
+def find_dominating(sim: torch.Tensor) -> list[int]:
+    """The paper's greedy FIND_DOMINATING, step for step: for each head i, walk j = 0..k-1 and move
+    the candidate j* to j when j's neighbourhood strictly contains j*'s, or equals it and j* < j.
+    Returns j* for every i (i is replaceable by j*; j* == i means i stays)."""
+    k = sim.shape[0]
+    rows = sim.tolist()
+    replacement = []
+    for i in range(k):
+        best = i
+        for j in range(k):
+            s = [a - b for a, b in zip(rows[best], rows[j])]
+            strictly_contained = 1 not in s and -1 in s
+            if strictly_contained or (not any(s) and best < j):
+                best = j
+        replacement.append(best)
+    return replacement
+
+
+def resolve_survivors(replacement: list[int]) -> dict[int, int]:
+    """Map every removed head to the head that finally absorbs it. A replacement may itself be
+    replaced (i -> a -> b); neighbourhoods only grow along such a chain, so it ends at a head that
+    replaces itself, and merging i straight into b equals merging i into a, then a into b."""
+    final = {}
+    for i, j in enumerate(replacement):
+        if j == i:
+            continue
+        while replacement[j] != j:
+            j = replacement[j]
+        final[i] = j
+    return final
+
+
+def merge_into_mlp_input(unit: AttentionUnit, mlp: MLPUnit | None, src: int, dst: int) -> None:
+    """The paper's literal merge: add head src's slice of the layer's MLP expand matrix L_in
+    (input columns src*h .. src*h+h-1) into dst's slice. Not function preserving."""
+    if mlp is None:
+        raise ConfigError(
+            f"merge='mlp_input' needs the MLP of the layer of {unit.name}, but none was found; "
+            "use merge='output' or 'none'."
+        )
+    cols_src, cols_dst = unit.query_rows([src]), unit.query_rows([dst])
+    with torch.no_grad():
+        for w in mlp.expand_matrices():
+            if w.shape[1] <= int(cols_src.max()) or w.shape[1] <= int(cols_dst.max()):
+                raise ConfigError(f"merge='mlp_input' needs an MLP as wide as the heads of {unit.name}.")
+            w[:, cols_dst] += w[:, cols_src]
+
+
+def prune_unit(
+    unit: AttentionUnit, theta: float, merge: str, mlp: MLPUnit | None = None
+) -> tuple[list[int], list[ParamChange]]:
+    """Remove the redundant key/value groups of one block; returns (removed original query-head
+    indices, parameter changes). With plain multi-head attention a group is one head."""
+    sim = similarity_graph(unit.group_blocks(), theta)
+    if int(sim.sum()) == sim.shape[0]:  # only the diagonal: nothing is redundant
+        return [], []
+    survivors = resolve_survivors(find_dominating(sim))
+    if not survivors:
+        return [], []
+    for src, dst in survivors.items():
+        if merge == "output":
+            unit.merge_output(src, dst)
+        elif merge == "mlp_input":
+            merge_into_mlp_input(unit, mlp, src, dst)
+    before = unit.kept_heads
+    keep = [p for p in range(unit.num_kv_heads) if p not in survivors]
+    changes = unit.keep_groups(keep)
+    removed = sorted(set(before) - set(unit.kept_heads))
+    return removed, changes
+
+
+def output_importance(unit: AttentionUnit) -> dict[int, float]:
+    """Summed absolute output-projection weights per present head (paper Fig. 7 left)."""
+    w = weight_matrix(unit.o).detach()
+    return {
+        head: float(w[:, pos * unit.head_dim:(pos + 1) * unit.head_dim].abs().sum())
+        for pos, head in enumerate(unit.kept_heads)
+    }

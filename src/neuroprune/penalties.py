@@ -1,0 +1,42 @@
+"""The two regularisers of NeuroPrune (method.md sections 1 and 2), as plain tensor functions."""
+
+from __future__ import annotations
+
+import torch
+
+from .units import AttentionUnit, MLPUnit
+
+
+@torch.no_grad()
+def row_degree(mats: list[torch.Tensor], eps: float) -> torch.Tensor:
+    """Fractional connectivity of each row shared by `mats` (rows concatenated along dim 1):
+    the fraction of its entries with |w| >= eps."""
+    length = sum(m.shape[1] for m in mats)
+    count = sum((m.detach().abs() >= eps).sum(1) for m in mats)
+    return count.to(mats[0].dtype) / length
+
+
+def preferential_attachment_l1(mats: list[torch.Tensor], eps: float) -> torch.Tensor:
+    """R = sum_i |row_i|_1 / max(degree_i, 1/row_length): weakly connected rows pay more per unit
+    of weight, so they die first. The degree is a constant (no gradient flows through it)."""
+    length = sum(m.shape[1] for m in mats)
+    weight = 1.0 / row_degree(mats, eps).clamp(min=1.0 / length)
+    l1 = sum(m.abs().sum(1) for m in mats)
+    return (l1 * weight).sum()
+
+
+def group_l1_half(group_l1: torch.Tensor, tiny: float) -> torch.Tensor:
+    """l_{1,0.5}: sum over groups of sqrt(group l1 + tiny); kills whole groups sharply."""
+    return torch.sqrt(group_l1 + tiny).sum()
+
+
+def mlp_penalty(unit: MLPUnit, eps: float) -> torch.Tensor:
+    """R_MLP of one MLP: the expand matrix (gate and up rows together) plus the contract matrix."""
+    return preferential_attachment_l1(unit.expand_matrices(), eps) + preferential_attachment_l1(
+        [unit.contract_matrix()], eps
+    )
+
+
+def attention_penalty(unit: AttentionUnit, tiny: float) -> torch.Tensor:
+    """R_attn of one block: groups are the input dimensions of [Q, K, V]."""
+    return group_l1_half(unit.input_l1(), tiny)

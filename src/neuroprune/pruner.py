@@ -1,0 +1,151 @@
+"""`NeuroPrune`: the model-level orchestration. Wrap any `transformers` model, add
+`regularization_loss()` to the task loss, call `prune_redundant_heads()` after each epoch and
+`finalize()` at the end."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .architectures import discover
+from .config import NeuroPruneConfig
+from .errors import NeuroPruneError
+from .heads import prune_unit
+from .penalties import attention_penalty, mlp_penalty
+from .sparsity import SparsityReport, report
+from .surgery import ParamChange
+from .units import AttentionUnit, MLPUnit
+
+
+class NeuroPrune:
+    """NeuroPrune applied to one model.
+
+    Example::
+
+        pruner = NeuroPrune(model, NeuroPruneConfig(alpha=1e-4, beta=1e-4, theta=0.15))
+        loss = task_loss + pruner.regularization_loss()
+        removed = pruner.prune_redundant_heads()   # after each epoch
+        pruner.finalize()                          # at the end
+        print(pruner.sparsity_report())
+
+    Head removal replaces parameters of the model: rebuild your optimiser afterwards, or pass it
+    to `neuroprune.optim.remap_optimizer(optimizer, pruner.last_changes)` to keep its state.
+    """
+
+    def __init__(self, model: nn.Module, config: NeuroPruneConfig | None = None) -> None:
+        if not isinstance(model, nn.Module):
+            raise NeuroPruneError(f"NeuroPrune expects a torch.nn.Module, got {type(model).__name__}.")
+        self.model = model
+        self.config = config or NeuroPruneConfig()
+        self.config.validate()
+        found_attention, found_mlps = discover(
+            model,
+            attention_layouts=self.config.attention_layouts,
+            mlp_layouts=self.config.mlp_layouts,
+            attention_modules=self.config.attention_modules,
+            mlp_modules=self.config.mlp_modules,
+            exclude_modules=self.config.exclude_modules,
+        )
+        model_config = getattr(model, "config", None)
+        self.attention: list[AttentionUnit] = [AttentionUnit(f, model_config) for f in found_attention]
+        self.mlps: list[MLPUnit] = [MLPUnit(f) for f in found_mlps]
+        self.original_parameters = sum(p.numel() for p in model.parameters())
+        self.last_changes: list[ParamChange] = []
+        self._layer_mlp = {u.name: _same_layer(u.name, self.mlps) for u in self.attention}
+
+    # --- regularisation -------------------------------------------------------------------------
+    def penalties(self) -> dict[str, torch.Tensor]:
+        """Unweighted sums of R_MLP and R_attn over all blocks (for logging and controllers)."""
+        device = next(self.model.parameters()).device
+        zero = torch.zeros((), device=device)
+        mlp = sum((mlp_penalty(u, self.config.eps) for u in self.mlps), zero)
+        attn = sum((attention_penalty(u, self.config.tiny) for u in self.attention), zero)
+        return {"mlp": mlp, "attention": attn}
+
+    def regularization_loss(self) -> torch.Tensor:
+        """alpha * sum R_MLP + beta * sum R_attn, a differentiable scalar to add to the task loss."""
+        cfg = self.config
+        device = next(self.model.parameters()).device
+        loss = torch.zeros((), device=device)
+        if cfg.alpha:
+            loss = loss + cfg.alpha * sum(mlp_penalty(u, cfg.eps) for u in self.mlps)
+        if cfg.beta:
+            loss = loss + cfg.beta * sum(attention_penalty(u, cfg.tiny) for u in self.attention)
+        return loss
+
+    # --- heads ----------------------------------------------------------------------------------
+    def prune_redundant_heads(self, theta: float | None = None) -> dict[str, list[int]]:
+        """Remove heads that duplicate another head (within `theta` in l_inf), layer by layer.
+
+        Returns ``{attention module name: [removed original head indices]}`` for the layers
+        that lost heads. The parameter changes are kept in `last_changes`.
+        """
+        theta = self.config.theta if theta is None else theta
+        removed: dict[str, list[int]] = {}
+        self.last_changes = []
+        if not self.config.prune_heads:
+            return removed
+        for unit in self.attention:
+            heads, changes = prune_unit(unit, theta, self.config.merge, self._layer_mlp[unit.name])
+            if heads:
+                removed[unit.name] = heads
+                self.last_changes += changes
+        return removed
+
+    def head_structure(self) -> dict[str, list[int]]:
+        """Original indices of the key/value groups each block still has (for checkpoints)."""
+        return {u.name: list(u.kept_groups) for u in self.attention}
+
+    def restore_head_structure(self, structure: dict[str, list[int]]) -> None:
+        """Remove, without merging, the groups a saved structure no longer has, so that a
+        checkpoint's weights fit (resume, reload)."""
+        units = {u.name: u for u in self.attention}
+        unknown = sorted(set(structure) - set(units))
+        if unknown:
+            raise NeuroPruneError(
+                f"the saved head structure names attention blocks this model does not have: "
+                f"{unknown[:5]}; was it saved from a different model?"
+            )
+        for name, kept in structure.items():
+            unit = units[name]
+            missing = sorted(set(kept) - set(unit.kept_groups))
+            if missing:
+                raise NeuroPruneError(f"{name}: saved structure keeps groups {missing} already removed.")
+            keep = [p for p, g in enumerate(unit.kept_groups) if g in set(kept)]
+            if len(keep) != unit.num_kv_heads:
+                unit.keep_groups(keep)
+
+    # --- end of training ------------------------------------------------------------------------
+    @torch.no_grad()
+    def finalize(self) -> int:
+        """Set every |w| < eps of the regularised matrices to exactly 0; returns how many changed."""
+        changed = 0
+        for unit in [*self.attention, *self.mlps]:
+            for mat in unit.matrices().values():
+                small = (mat.abs() < self.config.eps) & (mat != 0)
+                changed += int(small.sum())
+                mat.masked_fill_(small, 0.0)
+        return changed
+
+    def sparsity_report(self) -> SparsityReport:
+        return report(self.model, self.attention, self.mlps, self.config.eps, self.original_parameters)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"config": self.config.to_dict(), "heads": self.head_structure()}
+
+
+def _same_layer(name: str, mlps: list[MLPUnit]) -> MLPUnit | None:
+    """The MLP sharing the longest dotted prefix with an attention block: its layer's MLP."""
+    parts = name.split(".")
+
+    def shared(mlp: MLPUnit) -> int:
+        n = 0
+        for a, b in zip(parts, mlp.name.split(".")):
+            if a != b:
+                break
+            n += 1
+        return n
+
+    return max(mlps, key=shared, default=None)
