@@ -1,5 +1,6 @@
 """NeuroPrune: sparse fine-tuning of transformer language models with neuro-inspired topology."""
 
+from .checkpoint import CheckpointError, load
 from .config import NeuroPruneConfig
 from .errors import ConfigError, NeuroPruneError, UnsupportedArchitectureError
 from .optim import remap_optimizer
@@ -9,6 +10,8 @@ from .sparsity import SparsityReport
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckpointError",
+    "load",
     "ConfigError",
     "NeuroPrune",
     "NeuroPruneConfig",

@@ -4,11 +4,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from . import checkpoint
 from .architectures import discover
 from .config import NeuroPruneConfig
 from .errors import NeuroPruneError
@@ -57,18 +59,18 @@ class NeuroPrune:
 
     # --- regularisation -------------------------------------------------------------------------
     def penalties(self) -> dict[str, torch.Tensor]:
-        """Unweighted sums of R_MLP and R_attn over all blocks (for logging and controllers)."""
-        device = next(self.model.parameters()).device
-        zero = torch.zeros((), device=device)
-        mlp = sum((mlp_penalty(u, self.config.eps) for u in self.mlps), zero)
-        attn = sum((attention_penalty(u, self.config.tiny) for u in self.attention), zero)
-        return {"mlp": mlp, "attention": attn}
+        """Unweighted sums of R_MLP and R_attn over all blocks (differentiable)."""
+        zero = torch.zeros((), device=next(self.model.parameters()).device)
+        return {
+            "mlp": sum((mlp_penalty(u, self.config.eps) for u in self.mlps), zero),
+            "attention": sum((attention_penalty(u, self.config.tiny) for u in self.attention), zero),
+        }
 
     def regularization_loss(self) -> torch.Tensor:
-        """alpha * sum R_MLP + beta * sum R_attn, a differentiable scalar to add to the task loss."""
+        """alpha * sum R_MLP + beta * sum R_attn, a differentiable scalar to add to the task loss.
+        A penalty whose weight is 0 is not computed at all."""
         cfg = self.config
-        device = next(self.model.parameters()).device
-        loss = torch.zeros((), device=device)
+        loss = torch.zeros((), device=next(self.model.parameters()).device)
         if cfg.alpha:
             loss = loss + cfg.alpha * sum(mlp_penalty(u, cfg.eps) for u in self.mlps)
         if cfg.beta:
@@ -132,8 +134,22 @@ class NeuroPrune:
     def sparsity_report(self) -> SparsityReport:
         return report(self.model, self.attention, self.mlps, self.config.eps, self.original_parameters)
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"config": self.config.to_dict(), "heads": self.head_structure()}
+    def structure(self) -> dict[str, Any]:
+        """Everything that differs from the dense config's shapes (saved in checkpoints)."""
+        return {"heads": self.head_structure()}
+
+    def restore_structure(self, structure: dict[str, Any]) -> None:
+        """Re-apply a saved `structure()` to a dense model of the same config."""
+        self.restore_head_structure(structure.get("heads", {}))
+
+    def save_pretrained(self, directory: str | Path, tokenizer: Any = None) -> Path:
+        """Save the model, its config and its structure to `directory` (atomically)."""
+        return checkpoint.save_pretrained(self, directory, tokenizer)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, **model_kwargs: Any) -> NeuroPrune:
+        """Rebuild a model saved with `save_pretrained`, structure and weights."""
+        return checkpoint.from_pretrained(directory, **model_kwargs)
 
 
 def _same_layer(name: str, mlps: list[MLPUnit]) -> MLPUnit | None:

@@ -121,7 +121,8 @@ def neuron_degrees(unit: MLPUnit, eps: float) -> torch.Tensor:
 
 def mlp_sparsity(unit: MLPUnit, eps: float) -> LayerSparsity:
     zeros, total, per = _count(unit.matrices(), unit.original_numel)
-    return LayerSparsity(unit.name, "mlp", zeros, total, per, degree=DegreeStats.of(neuron_degrees(unit, eps)))
+    degree = DegreeStats.of(neuron_degrees(unit, eps))
+    return LayerSparsity(unit.name, "mlp", zeros, total, per, degree=degree)
 
 
 def report(

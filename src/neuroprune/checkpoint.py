@@ -1,0 +1,171 @@
+"""Save and reload a pruned model: HF config + safetensors weights + `neuroprune.json` (the
+NeuroPrune config and the structure that differs from the dense config, e.g. heads kept per
+layer). Writes go to a temporary folder that is renamed into place, so a crash never leaves a
+half-written checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import transformers
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from .config import NeuroPruneConfig
+from .errors import NeuroPruneError
+
+if TYPE_CHECKING:
+    from .pruner import NeuroPrune
+
+STRUCTURE_FILE = "neuroprune.json"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(NeuroPruneError):
+    """A checkpoint folder is missing, incomplete, corrupt or from another model."""
+
+
+def atomic_dir(target: Path) -> Path:
+    """A fresh temporary folder beside `target`, to be moved there with `commit_dir`."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+
+
+def commit_dir(tmp: Path, target: Path) -> None:
+    """Replace `target` by `tmp` (rename is atomic; the old folder is removed only afterwards)."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        target.rename(old)
+    tmp.rename(target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def save_pretrained(pruner: NeuroPrune, directory: str | Path, tokenizer: Any = None,
+                    extra: dict[str, Any] | None = None) -> Path:
+    """Save `pruner.model` with its structure to `directory` (atomically)."""
+    from . import __version__
+
+    target = Path(directory)
+    tmp = atomic_dir(target)
+    try:
+        pruner.model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "neuroprune_version": __version__,
+            "model_type": getattr(pruner.model.config, "model_type", None),
+            "architectures": getattr(pruner.model.config, "architectures", None),
+            "neuroprune_config": pruner.config.to_dict(),
+            "structure": pruner.structure(),
+            "shapes": {k: list(v.shape) for k, v in pruner.model.state_dict().items()},
+            **(extra or {}),
+        }
+        (tmp / STRUCTURE_FILE).write_text(json.dumps(meta, indent=1))
+        commit_dir(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def read_meta(directory: str | Path) -> dict[str, Any]:
+    path = Path(directory)
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is not a folder; pass the folder written by save_pretrained().")
+    meta_file = path / STRUCTURE_FILE
+    if not meta_file.exists():
+        raise CheckpointError(
+            f"{path} has no {STRUCTURE_FILE}, so it is not a neuroprune model folder. A plain "
+            "transformers folder loads with AutoModel...from_pretrained; wrap it with NeuroPrune()."
+        )
+    try:
+        meta = json.loads(meta_file.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{meta_file} is corrupt ({err}); re-save the model.") from None
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{meta_file} has format version {meta.get('format_version')!r}; this neuroprune "
+            f"reads version {FORMAT_VERSION}."
+        )
+    return meta
+
+
+def _model_class(meta: dict[str, Any]) -> type:
+    for name in meta.get("architectures") or []:
+        cls = getattr(transformers, name, None)
+        if cls is not None:
+            return cls
+    return transformers.AutoModel
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{path} holds no .safetensors weights; the save was incomplete.")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        try:
+            state.update(load_file(file))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise CheckpointError(
+                f"weights file {file} is truncated or corrupt ({err}); re-save the model."
+            ) from None
+    return state
+
+
+def load_into(pruner: NeuroPrune, directory: str | Path, meta: dict[str, Any]) -> None:
+    """Give `pruner.model` the saved structure, then the saved weights, checking every shape."""
+    path = Path(directory)
+    pruner.restore_structure(meta["structure"])
+    state = _read_weights(path)
+    own = pruner.model.state_dict()
+    wrong = [k for k, v in state.items() if k in own and tuple(own[k].shape) != tuple(v.shape)]
+    unexpected = [k for k in state if k not in own]
+    if wrong or unexpected:
+        example = wrong[0] if wrong else unexpected[0]
+        raise CheckpointError(
+            f"the weights in {path} do not fit the model described by its config and "
+            f"{STRUCTURE_FILE} ({len(wrong)} shape mismatches, {len(unexpected)} unknown tensors, "
+            f"e.g. {example!r}); was a file copied from another model?"
+        )
+    missing = set(pruner.model.load_state_dict(state, strict=False).missing_keys)
+    pruner.model.tie_weights()
+    loaded_ptrs = {own[k].data_ptr() for k in state}
+    really_missing = sorted(k for k in missing if own[k].data_ptr() not in loaded_ptrs)
+    if really_missing:
+        raise CheckpointError(
+            f"{path} lacks weights for {len(really_missing)} tensors, e.g. {really_missing[0]!r}; "
+            "the save was incomplete or the files were edited."
+        )
+
+
+def from_pretrained(directory: str | Path, **model_kwargs: Any) -> NeuroPrune:
+    """Rebuild the model and its NeuroPrune wrapper from a folder written by `save_pretrained`."""
+    from .pruner import NeuroPrune
+
+    meta = read_meta(directory)
+    try:
+        hf_config = transformers.AutoConfig.from_pretrained(directory)
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"cannot read the model config in {directory}: {err}") from None
+    cls = _model_class(meta)
+    build = cls.from_config if hasattr(cls, "from_config") else cls._from_config
+    model = build(hf_config, **model_kwargs)
+    pruner = NeuroPrune(model, NeuroPruneConfig.from_dict(meta["neuroprune_config"]))
+    load_into(pruner, directory, meta)
+    model.eval()
+    return pruner
+
+
+def load(directory: str | Path, **model_kwargs: Any) -> torch.nn.Module:
+    """Load a model saved by neuroprune (pruned or compacted) in one call."""
+    return from_pretrained(directory, **model_kwargs).model
