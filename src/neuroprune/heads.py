@@ -3,6 +3,8 @@ the paper's greedy FIND_DOMINATING, and the merge + removal of dominated heads."
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .errors import ConfigError
@@ -67,17 +69,33 @@ def merge_into_mlp_input(unit: AttentionUnit, mlp: MLPUnit | None, src: int, dst
             w[:, cols_dst] += w[:, cols_src]
 
 
+@dataclass
+class PruneEvent:
+    """What one pruning pass did to one block, in original key/value-group indices (= head
+    indices without GQA): the similarity graph it saw, who absorbed whom, and every group's
+    output-projection importance just before removal (paper Fig. 7)."""
+
+    layer: str
+    groups: list[int]
+    similarity: list[list[int]]
+    absorbed_by: dict[int, int]
+    removed_heads: list[int]
+    importance: dict[int, float]
+
+
 def prune_unit(
     unit: AttentionUnit, theta: float, merge: str, mlp: MLPUnit | None = None
-) -> tuple[list[int], list[ParamChange]]:
-    """Remove the redundant key/value groups of one block; returns (removed original query-head
-    indices, parameter changes). With plain multi-head attention a group is one head."""
+) -> tuple[PruneEvent | None, list[ParamChange]]:
+    """Remove the redundant key/value groups of one block. With plain multi-head attention a
+    group is one head. Returns the event (None if nothing was redundant) and parameter changes."""
     sim = similarity_graph(unit.group_blocks(), theta)
     if int(sim.sum()) == sim.shape[0]:  # only the diagonal: nothing is redundant
-        return [], []
+        return None, []
     survivors = resolve_survivors(find_dominating(sim))
     if not survivors:
-        return [], []
+        return None, []
+    groups = list(unit.kept_groups)
+    importance = output_importance(unit)
     for src, dst in survivors.items():
         if merge == "output":
             unit.merge_output(src, dst)
@@ -86,14 +104,21 @@ def prune_unit(
     before = unit.kept_heads
     keep = [p for p in range(unit.num_kv_heads) if p not in survivors]
     changes = unit.keep_groups(keep)
-    removed = sorted(set(before) - set(unit.kept_heads))
-    return removed, changes
+    event = PruneEvent(
+        layer=unit.name,
+        groups=groups,
+        similarity=sim.tolist(),
+        absorbed_by={groups[s]: groups[d] for s, d in survivors.items()},
+        removed_heads=sorted(set(before) - set(unit.kept_heads)),
+        importance=importance,
+    )
+    return event, changes
 
 
 def output_importance(unit: AttentionUnit) -> dict[int, float]:
-    """Summed absolute output-projection weights per present head (paper Fig. 7 left)."""
-    w = weight_matrix(unit.o).detach()
+    """Summed absolute output-projection weights per present key/value group, keyed by original
+    group index (paper Fig. 7 left: importance of removed versus kept heads)."""
+    w = weight_matrix(unit.o).detach().abs()
     return {
-        head: float(w[:, pos * unit.head_dim:(pos + 1) * unit.head_dim].abs().sum())
-        for pos, head in enumerate(unit.kept_heads)
+        group: float(w[:, unit.query_rows([pos])].sum()) for pos, group in enumerate(unit.kept_groups)
     }

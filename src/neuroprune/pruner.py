@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,8 @@ class NeuroPrune:
         self.mlps: list[MLPUnit] = [MLPUnit(f) for f in found_mlps]
         self.original_parameters = sum(p.numel() for p in model.parameters())
         self.last_changes: list[ParamChange] = []
+        self.passes = 0  # pruning passes done so far
+        self.history: list[dict[str, Any]] = []  # one dict per block per pruning pass that removed heads
         self._layer_mlp = {u.name: _same_layer(u.name, self.mlps) for u in self.attention}
 
     # --- regularisation -------------------------------------------------------------------------
@@ -90,10 +93,12 @@ class NeuroPrune:
         if not self.config.prune_heads:
             return removed
         for unit in self.attention:
-            heads, changes = prune_unit(unit, theta, self.config.merge, self._layer_mlp[unit.name])
-            if heads:
-                removed[unit.name] = heads
+            event, changes = prune_unit(unit, theta, self.config.merge, self._layer_mlp[unit.name])
+            if event is not None:
+                removed[unit.name] = event.removed_heads
+                self.history.append({"pass": self.passes, **dataclasses.asdict(event)})
                 self.last_changes += changes
+        self.passes += 1
         return removed
 
     def head_structure(self) -> dict[str, list[int]]:
@@ -135,12 +140,15 @@ class NeuroPrune:
         return report(self.model, self.attention, self.mlps, self.config.eps, self.original_parameters)
 
     def structure(self) -> dict[str, Any]:
-        """Everything that differs from the dense config's shapes (saved in checkpoints)."""
-        return {"heads": self.head_structure()}
+        """Everything that differs from the dense config's shapes, plus the pruning history
+        (saved in checkpoints)."""
+        return {"heads": self.head_structure(), "passes": self.passes, "history": self.history}
 
     def restore_structure(self, structure: dict[str, Any]) -> None:
         """Re-apply a saved `structure()` to a dense model of the same config."""
         self.restore_head_structure(structure.get("heads", {}))
+        self.passes = structure.get("passes", 0)
+        self.history = list(structure.get("history", []))
 
     def save_pretrained(self, directory: str | Path, tokenizer: Any = None) -> Path:
         """Save the model, its config and its structure to `directory` (atomically)."""
