@@ -20,7 +20,7 @@ CONFIGS: dict[str, dict] = {
     "bart": dict(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
                  decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48,
                  max_position_embeddings=64),
-    "gpt2": dict(n_embd=32, n_layer=2, n_head=4, n_positions=64),
+    "gpt2": dict(n_embd=32, n_layer=2, n_head=4, n_inner=48, n_positions=64, bos_token_id=1, eos_token_id=2),
     "opt": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=48,
                 word_embed_proj_dim=32, max_position_embeddings=64),
     "llama": dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
@@ -66,3 +66,38 @@ def main_output(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torc
     with torch.no_grad():
         out = model(**inputs)
     return out.logits if hasattr(out, "logits") and out.logits is not None else out.last_hidden_state
+
+
+@torch.no_grad()
+def duplicate_group(model: torch.nn.Module, unit, src: int, dst: int) -> None:
+    """Make key/value group `dst` of an attention unit an exact copy of group `src` (its query
+    heads' Q rows and its K and V rows), and, where heads also own a relative position bias
+    (T5, MPNet), copy that bias column too, so the two groups compute the same function."""
+    from neuroprune.surgery import head_rows
+
+    if unit.layout.fused == "interleaved":
+        w = unit.qkv.weight.view(unit.num_heads, 3 * unit.head_dim, -1)
+        w[dst] = w[src]
+        if unit.qkv.bias is not None:
+            b = unit.qkv.bias.view(unit.num_heads, -1)
+            b[dst] = b[src]
+    else:
+        q, k, v = unit.qkv_matrices()
+        q[unit.query_rows([dst])] = q[unit.query_rows([src])]
+        for m in (k, v):
+            m[head_rows([dst], unit.head_dim)] = m[head_rows([src], unit.head_dim)]
+        biases = (
+            [unit.qkv.bias] if unit.qkv is not None else [p.bias for p in (unit.q, unit.k, unit.v)]
+        )
+        if all(b is not None for b in biases):
+            if unit.qkv is not None:
+                qb, rest = biases[0][: q.shape[0]], biases[0][q.shape[0]:]
+                kb, vb = rest.chunk(2)
+            else:
+                qb, kb, vb = biases
+            qb[unit.query_rows([dst])] = qb[unit.query_rows([src])]
+            for b in (kb, vb):
+                b[head_rows([dst], unit.head_dim)] = b[head_rows([src], unit.head_dim)]
+    for name, module in model.named_modules():
+        if name.endswith("relative_attention_bias"):
+            module.weight[:, dst] = module.weight[:, src]

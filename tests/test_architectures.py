@@ -1,0 +1,118 @@
+"""Discovery of attention blocks and MLPs for every family, and the errors / overrides."""
+
+import pytest
+import torch
+from torch import nn
+
+from neuroprune import NeuroPrune, NeuroPruneConfig, UnsupportedArchitectureError
+
+from tiny import FAMILIES, tiny_model
+
+# family -> (attention blocks, MLPs, query heads per block, key/value heads per block, layout)
+EXPECTED = {
+    "bert": (2, 2, 4, 4, "separate"),
+    "roberta": (2, 2, 4, 4, "separate"),
+    "distilbert": (2, 2, 4, 4, "separate"),
+    "mpnet": (2, 2, 4, 4, "separate"),
+    "t5": (6, 4, 4, 4, "separate"),  # encoder self, decoder self + cross
+    "t5-gated": (6, 4, 4, 4, "separate"),
+    "bart": (6, 4, 4, 4, "separate"),
+    "gpt2": (2, 2, 4, 4, "concat"),
+    "opt": (2, 2, 4, 4, "separate"),
+    "llama": (2, 2, 4, 2, "separate"),
+    "qwen2": (2, 2, 4, 2, "separate"),
+    "gpt_neox": (2, 2, 4, 4, "interleaved"),
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_is_mapped(family):
+    pruner = NeuroPrune(tiny_model(family))
+    n_attn, n_mlp, heads, kv, layout = EXPECTED[family]
+    assert len(pruner.attention) == n_attn and len(pruner.mlps) == n_mlp
+    for unit in pruner.attention:
+        assert (unit.num_heads, unit.num_kv_heads, unit.head_dim) == (heads, kv, 8)
+        assert (unit.layout.fused or "separate") == layout
+        q, k, v = unit.qkv_matrices()
+        assert q.shape == (heads * 8, 32) and k.shape == v.shape == (kv * 8, 32)
+    for mlp in pruner.mlps:
+        assert mlp.original_neurons == 48
+        assert all(m.shape == (48, 32) for m in mlp.expand_matrices())
+        assert mlp.contract_matrix().shape == (32, 48)
+    gated = family in ("t5-gated", "llama", "qwen2")
+    assert all((m.gate is not None) == gated for m in pruner.mlps)
+
+
+def test_t5_has_self_and_cross_attention():
+    names = [u.name for u in NeuroPrune(tiny_model("t5")).attention]
+    assert sum("EncDecAttention" in n for n in names) == 2
+    assert sum(n.startswith("decoder") and "SelfAttention" in n for n in names) == 2
+
+
+def test_interleaved_layout_reads_per_head_blocks():
+    """GPT-NeoX stores [q_h, k_h, v_h] per head; the canonical Q must pick every third block."""
+    unit = NeuroPrune(tiny_model("gpt_neox")).attention[0]
+    w = unit.qkv.weight.detach()
+    q, k, v = unit.qkv_matrices()
+    assert torch.equal(q[8:16], w[24:32]) and torch.equal(k[0:8], w[8:16]) and torch.equal(v[0:8], w[16:24])
+
+
+def test_regex_selection_and_exclusion():
+    model = tiny_model("t5")
+    pruner = NeuroPrune(model, NeuroPruneConfig(attention_modules=r"^encoder\.", exclude_modules="block\\.1"))
+    assert [u.name for u in pruner.attention] == ["encoder.block.0.layer.0.SelfAttention"]
+    assert all("block.1" not in m.name for m in pruner.mlps)
+
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.head_dim, self.n_heads = 4, 2
+        self.wq, self.wk, self.wv, self.wo = (nn.Linear(8, 8) for _ in range(4))
+        self.w1, self.w2 = nn.Linear(8, 16), nn.Linear(16, 8)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = (
+            m(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2) for m in (self.wq, self.wk, self.wv)
+        )
+        att = torch.softmax(q @ k.transpose(-1, -2) / self.head_dim**0.5, -1) @ v
+        x = x + self.wo(att.transpose(1, 2).reshape(b, t, -1))
+        return x + self.w2(torch.relu(self.w1(x)))
+
+
+class _Custom(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.config = type("Cfg", (), {"model_type": "homebrew"})()
+        self.blocks = nn.Sequential(_Block(), _Block())
+
+    def forward(self, x):
+        return self.blocks(x)
+
+
+def test_unknown_model_gets_one_clear_error():
+    with pytest.raises(UnsupportedArchitectureError) as err:
+        NeuroPrune(_Custom())
+    text = str(err.value)
+    assert "'homebrew'" in text and "blocks.0.wq" in text and "attention_layouts" in text
+
+
+def test_user_layout_maps_an_unknown_model_and_prunes_it_exactly():
+    torch.manual_seed(0)
+    model = _Custom().eval()
+    cfg = NeuroPruneConfig(
+        theta=1e-6,
+        attention_layouts=[{"q": "wq", "k": "wk", "v": "wv", "o": "wo"}],
+        mlp_layouts=[{"up": "w1", "down": "w2"}],
+    )
+    pruner = NeuroPrune(model, cfg)
+    assert len(pruner.attention) == 2 and len(pruner.mlps) == 2
+    from tiny import duplicate_group
+
+    duplicate_group(model, pruner.attention[0], 0, 1)
+    x = torch.randn(2, 5, 8)
+    before = model(x)
+    assert pruner.prune_redundant_heads() == {"blocks.0": [0]}
+    assert model.blocks[0].n_heads == 1  # head-count attribute kept consistent
+    assert torch.allclose(model(x), before, atol=1e-6)
