@@ -1,0 +1,98 @@
+"""The regularisers against hand computation and autograd (method.md sections 1-2)."""
+
+import math
+
+import pytest
+import torch
+from tiny import tiny_model
+
+from neuroprune import NeuroPrune, NeuroPruneConfig
+from neuroprune.penalties import (
+    attention_penalty,
+    group_l1_half,
+    mlp_penalty,
+    preferential_attachment_l1,
+    row_degree,
+)
+
+
+def test_preferential_attachment_by_hand():
+    w = torch.tensor([[1.0, 0.0, -2.0], [0.5, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    # degrees 2/3, 1/3, 0 (guarded to 1/3): 3 / (2/3) + 0.5 / (1/3) + 0
+    assert torch.allclose(row_degree([w], 1e-4), torch.tensor([2 / 3, 1 / 3, 0.0]))
+    assert preferential_attachment_l1([w], 1e-4).item() == pytest.approx(6.0)
+
+
+def test_eps_decides_what_counts_as_a_connection():
+    w = torch.tensor([[1.0, 5e-5, 2e-4, -1e-4]])  # |w| >= eps counts, 5e-5 does not
+    assert row_degree([w], 1e-4).item() == pytest.approx(3 / 4)
+
+
+def test_gated_rows_share_one_degree():
+    gate = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
+    up = torch.tensor([[0.0, 0.0], [3.0, 4.0]])
+    # neuron 0: degree 1/4, l1 1 -> 4; neuron 1: degree 2/4, l1 7 -> 14
+    assert preferential_attachment_l1([gate, up], 1e-4).item() == pytest.approx(18.0)
+
+
+def test_group_penalty_by_hand():
+    a = torch.tensor([[3.0, 0.0], [-1.0, 0.0], [0.0, 0.0]])  # column l1: 4 and 0
+    assert group_l1_half(a.abs().sum(0), 0.0).item() == pytest.approx(2.0)
+    assert group_l1_half(a.abs().sum(0), 1e-12).item() == pytest.approx(2.0 + 1e-6)
+
+
+def test_degree_is_a_constant_for_autograd():
+    w = torch.tensor([[1.0, -2.0, 0.0], [0.5, 0.0, 0.0]], requires_grad=True)
+    preferential_attachment_l1([w], 1e-4).backward()
+    expected = torch.tensor([[1.5, -1.5, 0.0], [3.0, 0.0, 0.0]])  # sign(w) / degree, sign(0) = 0
+    assert torch.allclose(w.grad, expected)
+
+
+def test_gradcheck_float64():
+    g = torch.Generator().manual_seed(0)
+    w = (torch.rand(5, 7, generator=g, dtype=torch.float64) + 0.1) * torch.tensor([1.0, -1.0]).repeat(4)[:7]
+    w[2, :4] = 0.0  # a sparse row: its degree stays fixed while we perturb
+    w.requires_grad_(True)
+    mask = (w.detach() != 0).double()  # |x| has no derivative at 0: keep the zeros out of the check
+
+    def pa(x):
+        return preferential_attachment_l1([x * mask], 1e-4)
+
+    assert torch.autograd.gradcheck(pa, (w,), eps=1e-6, atol=1e-5)
+    cols = (torch.rand(9, 4, generator=g, dtype=torch.float64) + 0.1).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda a: group_l1_half(a.abs().sum(0), 1e-12), (cols,), eps=1e-6)
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2", "gpt_neox", "llama"])
+def test_block_penalties_match_the_formula(family):
+    """Whatever the storage (separate, fused, interleaved, Conv1D), R_attn groups the input
+    dimensions of [Q, K, V] and R_MLP reads neuron rows of expand and contract."""
+    pruner = NeuroPrune(tiny_model(family).double())
+    unit, mlp = pruner.attention[0], pruner.mlps[0]
+    a = torch.cat(unit.qkv_matrices(), dim=0).detach()  # (3d or q+2kv, d_in)
+    expected = sum(math.sqrt(float(c) + 1e-12) for c in a.abs().sum(0))
+    assert attention_penalty(unit, 1e-12).item() == pytest.approx(expected, rel=1e-9)
+    expand = torch.cat(mlp.expand_matrices(), dim=1).detach()
+    by_hand = 0.0
+    for mat in (expand, mlp.contract_matrix().detach()):
+        deg = ((mat.abs() >= 1e-4).sum(1).double() / mat.shape[1]).clamp(min=1 / mat.shape[1])
+        by_hand += float((mat.abs().sum(1) / deg).sum())
+    assert mlp_penalty(mlp, 1e-4).item() == pytest.approx(by_hand, rel=1e-9)
+
+
+def test_regularization_loss_weights_and_gradients():
+    model = tiny_model("bert")
+    pruner = NeuroPrune(model, NeuroPruneConfig(alpha=0.5, beta=2.0))
+    parts = pruner.penalties()
+    loss = pruner.regularization_loss()
+    assert loss.item() == pytest.approx(0.5 * parts["mlp"].item() + 2.0 * parts["attention"].item(), rel=1e-6)
+    loss.backward()
+    assert model.encoder.layer[0].attention.self.query.weight.grad.abs().sum() > 0
+    assert model.encoder.layer[0].intermediate.dense.weight.grad.abs().sum() > 0
+    assert model.embeddings.word_embeddings.weight.grad is None  # embeddings are not regularised
+
+
+def test_zero_weights_skip_the_computation():
+    pruner = NeuroPrune(tiny_model("bert"), NeuroPruneConfig(alpha=0.0, beta=0.0))
+    loss = pruner.regularization_loss()
+    assert loss.item() == 0.0 and not loss.requires_grad
