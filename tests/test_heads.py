@@ -157,7 +157,8 @@ def test_merge_modes():
 
 def test_history_records_graph_merges_and_importance():
     model, pruner = _prune_copies("bert")
-    importance_before = float(model.encoder.layer[0].attention.output.dense.weight[:, 0:8].detach().abs().sum())
+    o_proj = model.encoder.layer[0].attention.output.dense
+    importance_before = float(o_proj.weight[:, 0:8].detach().abs().sum())
     pruner.prune_redundant_heads()
     event = pruner.history[0]
     assert event["layer"] == "encoder.layer.0.attention" and event["pass"] == 0
