@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-from tiny import tiny_model
 
 from neuroprune import NeuroPrune, NeuroPruneConfig
 from neuroprune.penalties import (
@@ -14,6 +13,8 @@ from neuroprune.penalties import (
     preferential_attachment_l1,
     row_degree,
 )
+
+from tiny import tiny_model
 
 
 def test_preferential_attachment_by_hand():
