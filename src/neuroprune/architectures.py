@@ -11,7 +11,6 @@ family (then the user's, then every built-in one for unknown families).
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError, UnsupportedArchitectureError
-from .surgery import is_projection, out_features
+from .surgery import is_projection
 
 # Attributes that hold a head count / a width of all heads together, on whichever module the
 # family keeps them; head removal rewrites those that exist.
@@ -295,10 +294,3 @@ def head_dim_of(core: nn.Module, model_config: Any, q_rows: int) -> int:
         f"the attributes {HEAD_DIM_ATTRS + HEAD_COUNT_ATTRS} and neither has the model config."
     )
 
-
-def forward_signature(module: nn.Module) -> inspect.Signature:
-    return inspect.signature(module.forward)
-
-
-def projection_rows(module: nn.Module) -> int:
-    return out_features(module)

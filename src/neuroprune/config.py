@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -75,7 +76,6 @@ class NeuroPruneConfig:
             raise ConfigError(f"merge={self.merge!r} is not one of {', '.join(MERGE_MODES)}.")
         if not isinstance(self.prune_heads, bool):
             raise ConfigError(f"prune_heads must be true or false, got {self.prune_heads!r}.")
-        import re
 
         for name in ("attention_modules", "mlp_modules", "exclude_modules"):
             pattern = getattr(self, name)
