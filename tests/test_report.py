@@ -1,0 +1,133 @@
+"""`neuroprune report` on a tiny run directory written per the run-directory contract."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from neuroprune import NeuroPrune, NeuroPruneConfig
+from neuroprune.cli import main
+from neuroprune.report import ReportError, build_report
+
+from tiny import duplicate_group, tiny_model
+
+
+def make_run(root: Path, seed: int = 0, keep: float = 0.5, start_model: bool = True) -> Path:
+    """A finished run of a tiny BERT: MLP rows thinned to heavy-tailed degrees, some attention
+    input dimensions cut off, duplicated heads removed by a pruning pass, then finalised."""
+    run = root / f"run{seed}"
+    model = tiny_model("bert", seed=seed)
+    config = {"model": "tiny-bert-not-on-disk"}
+    if start_model:
+        model.save_pretrained(root / f"start{seed}")
+        config = {"model": str(root / f"start{seed}")}
+    pruner = NeuroPrune(model, NeuroPruneConfig(theta=1e-6))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for unit in pruner.mlps:
+            w = unit.expand_matrices()[0]
+            share = (torch.rand(w.shape[0], generator=g) ** 3) * keep * 2  # most neurons sparse
+            w.mul_((torch.rand(w.shape, generator=g) < share[:, None]).float())
+            w[:3] = 0.0  # three dead neurons
+        for unit in pruner.attention:
+            for m in unit.qkv_matrices():
+                m[:, :4] = 0.0  # input dimensions 0..3 cut off from attention
+        duplicate_group(model, pruner.attention[0], 0, 1)
+        duplicate_group(model, pruner.attention[0], 0, 2)
+        duplicate_group(model, pruner.attention[1], 3, 2)
+    removed = pruner.prune_redundant_heads()
+    assert removed, "the duplicated heads must be removed"
+    pruner.finalize()
+    report = pruner.sparsity_report()
+    run.mkdir(parents=True)
+    pruner.save_pretrained(run / "model")
+    (run / "run_config.json").write_text(json.dumps({**config, "alpha": 1e-4, "seed": seed}))
+    (run / "versions.json").write_text(json.dumps({"torch": torch.__version__}))
+    (run / "sparsity.json").write_text(json.dumps(report.to_dict()))
+    (run / "metrics.json").write_text(json.dumps([
+        {"epoch": 1, "step": 10, "eval_accuracy": 0.5 + seed / 10, "sparsity": report.sparsity,
+         "heads_kept": report.heads_kept, "heads_total": report.heads_total},
+    ]))
+    return run
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("runs")
+    return make_run(root, 0), make_run(root, 1, keep=0.2, start_model=False)
+
+
+def test_report_command_on_one_run(runs: tuple[Path, Path], tmp_path: Path, capsys) -> None:
+    out = tmp_path / "rep"
+    assert main(["report", str(runs[0]), "--output", str(out)]) == 0
+    assert "report.html" in capsys.readouterr().out
+    page = (out / "report.html").read_text()
+    stats = json.loads((out / "stats.json").read_text())
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    for name in ("degree_histogram.png", "degree_ccdf.png", "sd_per_layer.png", "sd_vs_sparsity.png",
+                 "head_importance.png", "heads_removed.png", "similarity_graph.png"):
+        assert name in pngs
+    assert len([p for p in pngs if p.startswith("pattern_")]) == 2  # one per layer
+    assert page.count("data:image/png;base64,") == len(pngs)
+    run = stats["runs"][0]
+    # heads 0, 1, 2 of block 0 are copies: ties go to the later head, so 2 absorbs 0 and 1
+    assert run["heads"]["removed"] == {"encoder.layer.0.attention": [0, 1], "encoder.layer.1.attention": [2]}
+    assert run["heads"]["removed_per_index"] == [1, 1, 1, 0]
+    graph = run["similarity_graph"]
+    assert graph["layer"] == "encoder.layer.0.attention"  # the block that lost most heads
+    assert sorted(graph["dominating"]) == [2, 3] and graph["is_dominating_set"]
+    assert {tuple(e) for e in graph["edges"]} == {(0, 1), (0, 2), (1, 2)}
+    assert len(run["head_importance"]["removed"]["values"]) == 3
+    assert run["heavy_tail"]["pooled"]["testable"]
+    for comparison in run["heavy_tail"]["pooled"]["comparisons"]:
+        assert 0.0 <= comparison["p_value"] <= 1.0
+    # the starting model was on disk, so the dense reference is its (fully connected) degrees
+    assert run["dense_reference"]["label"].startswith("dense reference: starting model")
+    assert run["dense_reference"]["pooled_sd_percent"] < 1.0
+    assert run["neuron_degree"]["pooled"]["dead"] >= 6
+    sparsity = json.loads((runs[0] / "sparsity.json").read_text())
+    assert run["sparsity"]["sparsity"] == pytest.approx(sparsity["sparsity"])
+
+
+def test_html_references_only_embedded_images(runs: tuple[Path, Path], tmp_path: Path) -> None:
+    page = build_report(list(runs), tmp_path / "cmp").read_text()
+    refs = re.findall(r"""(?:src|href)\s*=\s*["']([^"']*)["']""", page, flags=re.I)
+    assert refs, "the page must have images"
+    for ref in refs:
+        assert ref.startswith("data:image/png;base64,") or ref.startswith("#"), ref[:80]
+    assert not re.search(r"https?://|file:|<script|<link|@import|url\(", page, flags=re.I)
+
+
+def test_several_runs_compared(runs: tuple[Path, Path], tmp_path: Path) -> None:
+    out = tmp_path / "cmp"
+    build_report(list(runs), out)
+    stats = json.loads((out / "stats.json").read_text())
+    assert [r["name"] for r in stats["runs"]] == ["run0", "run1"]
+    assert stats["runs"][1]["dense_reference"]["label"].startswith("dense reference: ideal spike at 1.0")
+    sds = [r["neuron_degree"]["pooled"]["sd_percent"] for r in stats["runs"]]
+    assert all(sd > 5 for sd in sds)
+    assert (out / "run0_heads_removed.png").exists() and (out / "run1_heads_removed.png").exists()
+    assert not list(out.glob(".*tmp*"))  # no temporary files left behind
+
+
+def test_layer_option_and_errors(runs: tuple[Path, Path], tmp_path: Path, capsys) -> None:
+    out = tmp_path / "one"
+    build_report([runs[0]], out, layer="layer.1.")
+    graph = json.loads((out / "stats.json").read_text())["runs"][0]["similarity_graph"]
+    assert graph["layer"] == "encoder.layer.1.attention" and graph["dominating"] == [0, 1, 3]
+    with pytest.raises(ReportError, match="matches 2 attention blocks"):
+        build_report([runs[0]], out, layer="attention")
+    assert main(["report", str(runs[0]), "--layer", "nope", "-o", str(out)]) == 2
+    assert "is not an attention block" in capsys.readouterr().err
+    assert main(["report", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["report", str(tmp_path / "empty")]) == 2
+    assert "no model/ folder" in capsys.readouterr().err
+    assert np.isfinite(json.loads((out / "stats.json").read_text())["runs"][0]["dense_reference"]
+                       ["pooled_sd_percent"])
