@@ -1,0 +1,142 @@
+"""Data-parallel NeuroPrune: two CPU processes (gloo) remove the same heads and reach the same
+sparsity as one process over the same data, even when a rank's weights drift before pruning;
+sharded training is refused with a reason."""
+
+import json
+import types
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from accelerate.utils import DistributedType
+from torch.nn.parallel import DistributedDataParallel
+from transformers import BertForSequenceClassification
+
+from neuroprune import NeuroPrune, NeuroPruneConfig, remap_optimizer
+from neuroprune import distributed as npdist
+
+from tiny import duplicate_group, tiny_config
+
+BATCH, STEPS, EPOCHS = 8, 3, 2
+CONFIG = dict(alpha=1e-3, beta=1e-3, theta=0.02)
+
+
+def _model() -> BertForSequenceClassification:
+    torch.manual_seed(0)
+    cfg = tiny_config("bert")
+    cfg.hidden_dropout_prob = cfg.attention_probs_dropout_prob = 0.0  # same maths in 1 or 2 processes
+    cfg.num_labels = 2
+    return BertForSequenceClassification(cfg)
+
+
+def _data() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    return torch.randint(3, 99, (EPOCHS * STEPS, BATCH, 6), generator=g), torch.randint(
+        0, 2, (EPOCHS * STEPS, BATCH), generator=g
+    )
+
+
+def _train(rank: int, world: int, init_file: str, out: str) -> dict:
+    """A plain DDP loop: NeuroPrune penalties, distributed head pruning after every epoch,
+    wrapper rebuilt and AdamW state remapped afterwards, finalize at the end."""
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    model = _model()
+    pruner = NeuroPrune(model, NeuroPruneConfig(**CONFIG))
+    duplicate_group(model, pruner.attention[0], 0, 1)  # planted redundancy: one head per layer
+    duplicate_group(model, pruner.attention[1], 2, 3)
+    wrapped = DistributedDataParallel(model) if world > 1 else model
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ids, labels = _data()
+    part = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
+    local_decision = None
+    for epoch in range(EPOCHS):
+        for step in range(STEPS):
+            i = epoch * STEPS + step
+            loss = wrapped(input_ids=ids[i, part], labels=labels[i, part]).loss
+            (loss + pruner.regularization_loss()).backward()
+            opt.step()
+            opt.zero_grad()
+        if rank == 1 and epoch == 0:
+            # rank 1 drifts: on its own it would no longer see head 1 of layer 0 as redundant
+            with torch.no_grad():
+                q = pruner.attention[0].qkv_matrices()[0]
+                q[pruner.attention[0].query_rows([1])] += 0.5
+            local_decision = NeuroPrune(_copy(model), NeuroPruneConfig(**CONFIG)).prune_redundant_heads()
+        npdist.prune_redundant_heads(pruner)
+        remap_optimizer(opt, pruner.last_changes)
+        if world > 1:
+            wrapped = npdist.rewrap_ddp(wrapped)
+    pruner.finalize()
+    result = {
+        "heads": pruner.head_structure(),
+        "history": [[h["layer"], h["removed_heads"]] for h in pruner.history],
+        "sparsity": pruner.sparsity_report().sparsity,
+        "local_decision": local_decision,
+    }
+    torch.save(model.state_dict(), f"{out}.{rank}.pt")
+    with open(f"{out}.{rank}.json", "w") as f:
+        json.dump(result, f)
+    if world > 1:
+        dist.destroy_process_group()
+    return result
+
+
+def _copy(model):
+    clone = _model()
+    clone.load_state_dict(model.state_dict())
+    return clone
+
+
+def test_two_processes_remove_the_same_heads_as_one(tmp_path):
+    reference = _train(0, 1, "", str(tmp_path / "single"))
+    mp.spawn(_train, args=(2, str(tmp_path / "init"), str(tmp_path / "ddp")), nprocs=2, join=True)
+    ranks = [json.loads((tmp_path / f"ddp.{r}.json").read_text()) for r in range(2)]
+
+    # the planted duplicates went, on every rank, exactly as in one process
+    assert reference["heads"] == {"bert.encoder.layer.0.attention": [1, 2, 3],
+                                  "bert.encoder.layer.1.attention": [0, 1, 3]}
+    # rank 1 alone would have decided differently: the broadcast is what makes them agree
+    assert ranks[1]["local_decision"] == {"bert.encoder.layer.1.attention": [2]}
+    for result in ranks:
+        assert result["heads"] == reference["heads"]
+        assert result["history"] == reference["history"]
+        assert result["sparsity"] == pytest.approx(reference["sparsity"], abs=1e-3)
+    single = torch.load(tmp_path / "single.0.pt")
+    for r in range(2):
+        state = torch.load(tmp_path / f"ddp.{r}.pt")
+        assert state.keys() == single.keys()
+        for key, value in single.items():
+            torch.testing.assert_close(state[key], value, atol=1e-5, rtol=1e-4, msg=key)
+
+
+def test_without_a_process_group_it_is_the_plain_method():
+    model = _model()
+    pruner = NeuroPrune(model, NeuroPruneConfig(**CONFIG))
+    duplicate_group(model, pruner.attention[0], 1, 2)
+    assert not npdist.is_distributed() and npdist.is_main_process()
+    assert npdist.prune_redundant_heads(pruner) == {"bert.encoder.layer.0.attention": [1]}
+    assert npdist.same_on_all_ranks({"anything": 1})
+
+
+@pytest.mark.parametrize(
+    "kind, name", [(DistributedType.FSDP, "FSDP"), (DistributedType.DEEPSPEED, "DeepSpeed")]
+)
+def test_sharded_training_is_refused_with_the_reason(kind, name):
+    accelerator = types.SimpleNamespace(distributed_type=kind)
+    with pytest.raises(npdist.DistributedError, match=f"cannot train under {name}.*changes parameter shapes"):
+        npdist.refuse_sharded(_model(), accelerator)
+    npdist.refuse_sharded(_model(), types.SimpleNamespace(distributed_type=DistributedType.MULTI_CPU))
+
+
+def test_a_deepspeed_engine_is_recognised_by_the_model_alone():
+    engine = type("DeepSpeedEngine", (torch.nn.Module,), {})()
+    engine.module = _model()
+    with pytest.raises(npdist.DistributedError, match="DeepSpeed"):
+        npdist.refuse_sharded(engine)
+
+
+def test_rewrap_refuses_a_bare_model():
+    with pytest.raises(npdist.DistributedError, match="DistributedDataParallel"):
+        npdist.rewrap_ddp(_model())
