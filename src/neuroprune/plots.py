@@ -229,13 +229,11 @@ def degree_ccdf(runs: dict[str, tuple[np.ndarray, HeavyTailTest]]) -> Figure:
         x, p = ccdf(data)
         ax.loglog(x, p, ".", color=color, markersize=4, label=f"{name} (data)")
         if test.testable and test.fit is not None:
-            grid = x[x >= test.xmin]
-            share = test.n_tail / test.n
+            grid = np.arange(int(test.xmin), int(data.max()) + 1)
+            share = test.n_tail / test.n  # the fits describe the tail; scale them onto the data
             for dist, style in (("power_law", "--"), ("exponential", ":"), ("lognormal", "-.")):
-                model = getattr(test.fit, dist)
-                # powerlaw's discrete ccdf is P(X > x); shift one step so it is P(X >= x) like the data
-                y = np.concatenate([[1.0], model.ccdf(grid)[:-1]]) * share
-                ax.loglog(grid, y, style, color=color, linewidth=1.4)
+                ax.loglog(grid, getattr(test.fit, dist).ccdf(grid) * share, style, color=color,
+                          linewidth=1.4)
         notes.append(f"{name}: {test.summary()}")
     handles, labels = ax.get_legend_handles_labels()
     handles += [Line2D([], [], color="black", linestyle=s) for s in ("--", ":", "-.")]
