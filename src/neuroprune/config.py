@@ -88,6 +88,8 @@ class NeuroPruneConfig:
         from .architectures import AttentionLayout, MLPLayout
 
         for name, cls in (("attention_layouts", AttentionLayout), ("mlp_layouts", MLPLayout)):
+            if not isinstance(getattr(self, name), (list, tuple)):
+                raise ConfigError(f"{name} must be a list of layout dicts, got {getattr(self, name)!r}.")
             for layout in getattr(self, name):
                 cls.from_dict(layout, source=name)
 
