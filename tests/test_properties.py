@@ -17,7 +17,9 @@ from tiny import tiny_inputs, tiny_model
 
 SETTINGS = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
 
-junk = st.one_of(st.none(), st.booleans(), st.integers(-3, 3), st.text(max_size=4), st.lists(st.integers(), max_size=2))
+junk = st.one_of(
+    st.none(), st.booleans(), st.integers(-3, 3), st.text(max_size=4), st.lists(st.integers(), max_size=2)
+)
 numbers = st.one_of(
     st.floats(allow_nan=True, allow_infinity=True), st.sampled_from([0, 1e-12, 1e-4, 0.15, 1.0, 1e9]), junk
 )
