@@ -1,0 +1,107 @@
+"""Mechanics of the baselines and of the method interface: l1 values and gradients, the proximal
+step, GMP's cubic schedule and masks that stay zero through optimiser steps, dense untouched."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from neuroprune import ConfigError, NeuroPrune, NeuroPruneConfig
+from neuroprune.baselines import GradualMagnitudePruning, counted_matrices, l1_penalty, magnitude_mask
+from neuroprune.methods import METHODS, build_method, matrix_parameters, proximal_step
+
+from tiny import tiny_inputs, tiny_model
+
+
+def test_l1_value_and_gradient_by_hand():
+    model = tiny_model("gpt2")  # Conv1D, fused c_attn: the views must still be the parameters
+    pruner = NeuroPrune(model)
+    expected = sum(m.weight.abs().sum() for n, m in model.named_modules()
+                   if n.endswith(("c_attn", "c_proj", "c_fc")))
+    value = l1_penalty(pruner)
+    assert value.item() == pytest.approx(expected.item(), rel=1e-6)
+    value.backward()
+    w = model.transformer.h[0].attn.c_attn.weight
+    assert torch.equal(w.grad, torch.sign(w.detach()))
+    assert model.transformer.wte.weight.grad is None  # embeddings are not counted
+
+
+def test_proximal_step_clips_at_zero():
+    p = torch.nn.Parameter(torch.tensor([0.5, -0.5, 0.05, -0.05, 0.0]))
+    proximal_step(p.abs().sum(), [p], lr=0.1)
+    assert torch.equal(p.detach(), torch.tensor([0.4, -0.4, 0.0, 0.0, 0.0]))
+
+
+def test_magnitude_mask_keeps_largest():
+    mat = torch.tensor([[0.3, -0.1, 0.0], [2.0, -0.05, 0.2]])
+    keep = magnitude_mask(mat, 0.5)
+    assert keep.tolist() == [[True, False, False], [True, False, True]]
+    assert magnitude_mask(mat, 0.0).all()
+
+
+def test_gmp_schedule_is_cubic():
+    gmp = GradualMagnitudePruning(NeuroPrune(tiny_model("bert")), 0.8, ramp_begin=0.0, ramp_end=0.5)
+    assert gmp.sparsity_at(0, 100) == 0.0
+    assert gmp.sparsity_at(25, 100) == pytest.approx(0.8 * (1 - 0.5**3))
+    assert gmp.sparsity_at(50, 100) == pytest.approx(0.8)
+    assert gmp.sparsity_at(99, 100) == pytest.approx(0.8)
+
+
+def test_gmp_masks_stay_zero_through_optimizer_steps():
+    model = tiny_model("llama")
+    method = build_method("gmp", model, target_sparsity=0.7, interval=2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    inputs = tiny_inputs("llama")
+    total = 12
+    for step in range(1, total + 1):
+        loss = model(**inputs, labels=inputs["input_ids"]).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if method.gmp.masks is not None:  # the optimiser moved pruned weights off zero...
+            assert any((m[~k] != 0).any() for k, m in zip(method.gmp.masks, counted_matrices(method.pruner)))
+        method.after_step(opt, step, total)
+        # ...and the masks put them back: everything pruned so far is exactly zero
+        for keep, mat in zip(method.gmp.masks or [], counted_matrices(method.pruner)):
+            assert (mat[~keep] == 0).all()
+    report = method.finalize()
+    assert report.sparsity == pytest.approx(0.7, abs=0.01)
+    for layer in report.layers:  # unstructured and uniform: every matrix at the target
+        for value in layer.matrices.values():
+            assert value == pytest.approx(0.7, abs=0.02)
+    assert report.heads_kept == report.heads_total
+
+
+def test_l1_method_never_removes_heads_and_dense_changes_nothing():
+    model = tiny_model("bert")
+    l1 = build_method("l1", model, NeuroPruneConfig(theta=100.0), target_sparsity=0.5)
+    assert l1.after_epoch() == {}
+    dense_model = tiny_model("bert")
+    before = [p.clone() for p in dense_model.parameters()]
+    dense = build_method("dense", dense_model)
+    assert dense.loss().item() == 0.0 and dense.after_step(None, 1, 1) == {} and dense.after_epoch() == {}
+    assert all(torch.equal(a, b) for a, b in zip(before, dense_model.parameters()))
+    assert dense.summary()["target_sparsity"] is None
+
+
+def test_loss_mode_puts_penalty_in_loss_and_proximal_mode_does_not():
+    model = tiny_model("bert")
+    paper = build_method("neuroprune", model, NeuroPruneConfig(alpha=1e-2, beta=1e-2))
+    assert not paper.proximal and paper.loss().item() > 0
+    steered = build_method("neuroprune", model, NeuroPruneConfig(alpha=1e-2, beta=1e-2), target_sparsity=0.5)
+    assert steered.proximal and steered.loss().item() == 0.0
+    assert len(matrix_parameters(steered.pruner)) == len(counted_matrices(steered.pruner))
+
+
+@pytest.mark.parametrize(
+    ("name", "target", "message"),
+    [
+        ("gmp", None, "needs --target-sparsity"),
+        ("dense", 0.5, "does not sparsify"),
+        ("magic", None, "unknown"),
+    ],
+)
+def test_build_method_errors(name, target, message):
+    with pytest.raises(ConfigError, match=message):
+        build_method(name, tiny_model("bert"), target_sparsity=target)
+    assert "neuroprune" in METHODS

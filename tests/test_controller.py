@@ -1,0 +1,91 @@
+"""Target-sparsity controller: schedule values, the measured proxy, and convergence of a real
+training run on a tiny model to within 2 points of the target."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification
+
+from neuroprune import ConfigError, NeuroPrune, NeuroPruneConfig
+from neuroprune.controller import SparsityTarget, TargetController, cubic_schedule, near_zero_sparsity
+from neuroprune.methods import build_method
+
+from tiny import VOCAB, tiny_config, tiny_model
+
+
+def test_cubic_schedule_values():
+    assert cubic_schedule(0, 100, 0.9) == 0.0
+    assert cubic_schedule(75, 100, 0.9, end=0.75) == pytest.approx(0.9)
+    assert cubic_schedule(100, 100, 0.9) == pytest.approx(0.9)
+    # halfway through a ramp over the whole run: s_f * (1 - 0.5^3)
+    assert cubic_schedule(50, 100, 0.8, end=1.0) == pytest.approx(0.8 * 0.875)
+    # ramp starting later holds the initial value before it
+    assert cubic_schedule(10, 100, 0.8, initial=0.1, begin=0.2) == pytest.approx(0.1)
+    values = [cubic_schedule(s, 50, 0.7) for s in range(51)]
+    assert values == sorted(values)
+
+
+def test_near_zero_sparsity_is_what_finalize_produces():
+    model = tiny_model("llama")
+    pruner = NeuroPrune(model, NeuroPruneConfig(eps=1e-2))
+    with torch.no_grad():
+        pruner.mlps[0].up.weight[:5] *= 1e-3
+    pruner.prune_redundant_heads(theta=10.0)  # removes heads: they count as zeros too
+    predicted = near_zero_sparsity(pruner)
+    pruner.finalize()
+    assert predicted == pytest.approx(pruner.sparsity_report().sparsity)
+    assert predicted > 0.1
+
+
+def test_controller_raises_scale_below_target_and_lowers_it_above():
+    ctl = TargetController(SparsityTarget(0.5, ramp_end=0.0))
+    up = [ctl.update(s, 10, 0.1) for s in range(1, 4)]
+    assert up == sorted(up) and up[-1] > 1.0
+    down = [ctl.update(s, 10, 0.9) for s in range(4, 12)]
+    assert down[-1] < down[0]
+    restored = TargetController.from_state_dict(ctl.state_dict())
+    assert restored.log_scale == ctl.log_scale and restored.settings == ctl.settings
+
+
+@pytest.mark.parametrize("bad", [1.0, -0.1, "90%", True])
+def test_bad_target_is_refused(bad):
+    with pytest.raises(ConfigError, match="target sparsity"):
+        SparsityTarget(bad)
+
+
+def train_tiny(method_name: str, target: float, epochs: int = 3, steps_per_epoch: int = 16):
+    """A plain loop (AdamW, linear decay) on synthetic sequence classification."""
+    torch.manual_seed(0)
+    config = tiny_config("bert")
+    config.num_labels = 2
+    model = AutoModelForSequenceClassification.from_config(config, attn_implementation="eager")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(3, VOCAB, (32 * steps_per_epoch, 12), generator=g)
+    y = ((x == 7).any(1) | (x[:, 0] > 50)).long()
+    method = build_method(method_name, model, NeuroPruneConfig(alpha=1e-3, beta=1e-3, theta=0.02), target)
+    total = epochs * steps_per_epoch
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / total)
+    step = 0
+    for _ in range(epochs):
+        for idx in torch.randperm(len(x), generator=g).split(32):
+            loss = model(input_ids=x[idx], labels=y[idx]).loss + method.loss()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            step += 1
+            method.after_step(opt, step, total)
+        method.after_epoch(opt)
+    return method, method.finalize()
+
+
+@pytest.mark.parametrize(("name", "target"), [("neuroprune", 0.6), ("l1", 0.85)])
+def test_controller_reaches_target_within_two_points(name, target):
+    method, report = train_tiny(name, target)
+    assert abs(report.sparsity - target) <= 0.02, method.controller.history[-5:]
+    summary = method.summary(report)
+    assert summary["target_sparsity"] == target and summary["achieved_sparsity"] == report.sparsity
+    # the controller moved the penalty weights far from where the user put them
+    assert summary["alpha"] != 1e-3
