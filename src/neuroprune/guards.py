@@ -1,14 +1,26 @@
-"""Stop a run on the first non-finite loss or weight instead of training on NaNs.
+"""Guards of a training run: stop on the first non-finite loss or weight instead of training on
+NaNs, and resume only from checkpoints whose files are complete and intact.
 
 A NaN loss poisons every weight at the next optimiser step, and the regularisers then see
 "degrees" and head distances of NaN: pruning would silently remove nothing or everything. The
 error names the step and the last checkpoint known to be good, so the user can resume from it with
 a smaller learning rate or penalty weight.
+
+A checkpoint folder is written file by file (the Trainer's model, optimiser, RNG states...), so a
+run killed while saving leaves a partial folder, and a disk can truncate or corrupt a finished one.
+`write_manifest` seals a folder once everything is in it (sizes and checksums, written last by an
+atomic rename); `newest_good_checkpoint` resumes from the newest folder that still matches its
+seal and says why it skipped any newer one.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -57,3 +69,71 @@ def check_weights(model: nn.Module, step: int, last_good: str | Path | None = No
         raise NonFiniteError(
             f"parameter {name} holds NaN or infinite values at step {step}. {_advice(step, last_good)}"
         )
+
+
+# --- checkpoints that can be trusted after a crash ---------------------------------------------
+MANIFEST_FILE = "neuroprune_manifest.json"
+_CHUNK = 1 << 20
+
+
+def _digest(path: Path) -> str:
+    """sha256 of a file; also flushes it to disk, so a listed file survives a power cut too."""
+    sha = hashlib.sha256()
+    with path.open("rb") as handle:
+        os.fsync(handle.fileno())
+        for chunk in iter(lambda: handle.read(_CHUNK), b""):
+            sha.update(chunk)
+    return sha.hexdigest()
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST_FILE)
+
+
+def write_manifest(folder: str | Path) -> Path:
+    """Seal a finished checkpoint folder: size and sha256 of every file, written last and
+    atomically. A folder without a manifest, or whose files no longer match it, is not used."""
+    folder = Path(folder)
+    entries = {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": _digest(p)}
+               for p in _files(folder)}
+    tmp = folder / f".{MANIFEST_FILE}.tmp"
+    tmp.write_text(json.dumps({"files": entries}, indent=1))
+    with tmp.open("rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, folder / MANIFEST_FILE)
+    return folder / MANIFEST_FILE
+
+
+def checkpoint_problem(folder: str | Path) -> str | None:
+    """Why a checkpoint folder cannot be trusted (missing manifest, missing, truncated or altered
+    file), or None if every file matches its manifest."""
+    folder = Path(folder)
+    try:
+        files = json.loads((folder / MANIFEST_FILE).read_text())["files"]
+    except FileNotFoundError:
+        return "it was never completed (no manifest: the run stopped while saving it)"
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return f"its {MANIFEST_FILE} is corrupt"
+    for name, expected in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != expected["bytes"]:
+            return f"{name} has {path.stat().st_size} bytes instead of {expected['bytes']} (truncated?)"
+        if _digest(path) != expected["sha256"]:
+            return f"{name} does not match its checksum (corrupted on disk?)"
+    return None
+
+
+def newest_good_checkpoint(
+    candidates: list[Path], report: Callable[[str], None] | None = None
+) -> Path | None:
+    """The newest candidate (highest trailing step number) that passes `checkpoint_problem`;
+    every newer one that fails is reported (to stderr by default) and skipped."""
+    report = report or (lambda message: print(f"neuroprune: {message}", file=sys.stderr))
+    for folder in sorted(candidates, key=lambda p: int(p.name.rsplit("-", 1)[-1]), reverse=True):
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            return folder
+        report(f"checkpoint {folder} is unusable: {problem}; trying the previous one.")
+    return None
