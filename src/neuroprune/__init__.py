@@ -1,6 +1,7 @@
 """NeuroPrune: sparse fine-tuning of transformer language models with neuro-inspired topology."""
 
 from .checkpoint import CheckpointError, load
+from .compaction import CompactionRule, compact
 from .config import NeuroPruneConfig
 from .errors import ConfigError, NeuroPruneError, UnsupportedArchitectureError
 from .optim import remap_optimizer
@@ -11,6 +12,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError",
+    "CompactionRule",
+    "compact",
     "load",
     "ConfigError",
     "NeuroPrune",

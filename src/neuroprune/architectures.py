@@ -28,6 +28,9 @@ HEAD_COUNT_ATTRS = ("num_heads", "num_attention_heads", "n_heads", "n_head")
 KV_HEAD_COUNT_ATTRS = ("num_key_value_heads", "num_kv_heads")
 WIDTH_ATTRS = ("all_head_size", "inner_dim", "split_size")
 HEAD_DIM_ATTRS = ("head_dim", "attention_head_size", "key_value_proj_dim", "head_size", "d_kv")
+# Attributes under which a family keeps its MLP activation function, on the MLP module or on
+# the module holding the expand projection (compaction folds constant activations of dead neurons).
+ACTIVATION_ATTRS = ("act_fn", "act", "activation_fn", "activation", "intermediate_act_fn")
 
 BiasFactory = Callable[[nn.Module, dict[str, Any], int], torch.Tensor | None]
 

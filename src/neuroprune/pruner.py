@@ -13,6 +13,7 @@ from torch import nn
 
 from . import checkpoint
 from .architectures import discover
+from .compaction import compaction_structure, restore_compaction
 from .config import NeuroPruneConfig
 from .errors import NeuroPruneError
 from .heads import prune_unit
@@ -142,11 +143,13 @@ class NeuroPrune:
     def structure(self) -> dict[str, Any]:
         """Everything that differs from the dense config's shapes, plus the pruning history
         (saved in checkpoints)."""
-        return {"heads": self.head_structure(), "passes": self.passes, "history": self.history}
+        return {"heads": self.head_structure(), "passes": self.passes, "history": self.history,
+                **compaction_structure(self)}
 
     def restore_structure(self, structure: dict[str, Any]) -> None:
         """Re-apply a saved `structure()` to a dense model of the same config."""
         self.restore_head_structure(structure.get("heads", {}))
+        restore_compaction(self, structure)
         self.passes = structure.get("passes", 0)
         self.history = list(structure.get("history", []))
 

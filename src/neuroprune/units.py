@@ -222,6 +222,8 @@ class MLPUnit:
         self.gate = found.module.get_submodule(layout.gate) if layout.gate else None
         self.original_neurons = out_features(self.up)
         self.original_numel = {k: m.numel() for k, m in self.matrices().items()}
+        self.kept_neurons: list[int] = list(range(self.original_neurons))
+        self.added_contract_bias = False  # compaction gave `down` a bias the dense config lacks
 
     def expand_matrices(self) -> list[torch.Tensor]:
         """`(neurons, d)` matrices whose row i together is neuron i's fan-in."""
@@ -238,3 +240,16 @@ class MLPUnit:
         if self.gate is not None:
             mats["gate"] = weight_matrix(self.gate)
         return mats
+
+    @torch.no_grad()
+    def keep_neurons(self, keep: list[int]) -> list[ParamChange]:
+        """Physically keep only the neurons at current positions `keep` (sorted): rows of the
+        expand matrices (gate and up), columns of the contract matrix."""
+        index = torch.as_tensor(keep, dtype=torch.long)
+        changes: list[ParamChange] = []
+        for module in (self.gate, self.up):
+            if module is not None:
+                changes += select_outputs(module, index)
+        changes += select_inputs(self.down, index)
+        self.kept_neurons = [self.kept_neurons[p] for p in keep]
+        return changes
