@@ -1,0 +1,124 @@
+"""`neuroprune compact RUN_DIR`: physically remove the learned structure of a trained run's model
+and save the smaller model (it reloads with `neuroprune.load`)."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "compact",
+        help="remove dead neurons, heads and input dimensions: a smaller, faster model",
+        description=(
+            "Load RUN_DIR/model (or a model folder written by NeuroPrune.save_pretrained), remove "
+            "the structure its zeros describe (dead MLP neurons, dead heads, dead attention input "
+            "dimensions, zero contract rows), check that the outputs did not change and save the "
+            "compacted model to RUN_DIR/compact (reload it with neuroprune.load)."
+        ),
+    )
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="run directory (with model/) or a model folder")
+    parser.add_argument("--output-dir", "-o", metavar="DIR", help="where to save (default: RUN_DIR/compact)")
+    parser.add_argument(
+        "--finalize", action="store_true",
+        help="first set every |w| < eps to 0 (for a model saved before NeuroPrune.finalize())",
+    )
+    parser.add_argument(
+        "--min-input-fraction", type=float, default=None, metavar="F",
+        help="gather an attention block's input only if at least this fraction of its input dims "
+        "is dead (default from CompactionRule; 1 = never)",
+    )
+    parser.add_argument(
+        "--min-row-fraction", type=float, default=None, metavar="F",
+        help="drop an MLP's zero contract rows only if at least this fraction is zero (1 = never)",
+    )
+    parser.add_argument("--no-verify", action="store_true", help="skip the before/after output check")
+    parser.add_argument("--atol", type=float, default=1e-4, help="output check tolerance (default 1e-4)")
+    parser.set_defaults(func=run)
+
+
+def model_dir(path: str | Path) -> Path:
+    """A run directory's model/ folder, or the folder itself if it is a model folder."""
+    from ..checkpoint import STRUCTURE_FILE, CheckpointError
+
+    path = Path(path)
+    for candidate in (path / "model", path):
+        if (candidate / STRUCTURE_FILE).exists():
+            return candidate
+    raise CheckpointError(
+        f"{path} is neither a run directory with a model/ folder nor a model folder (no {STRUCTURE_FILE} "
+        "in it); pass the --output-dir of `neuroprune train` or a folder written by save_pretrained()."
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..checkpoint import from_pretrained, save_pretrained
+    from ..compaction import CompactionRule, compact
+    from ..errors import NeuroPruneError
+
+    source = model_dir(args.run_dir)
+    target = Path(args.output_dir) if args.output_dir else Path(args.run_dir) / "compact"
+    thresholds = {"min_input_fraction": args.min_input_fraction, "min_row_fraction": args.min_row_fraction}
+    rule = CompactionRule(**{k: v for k, v in thresholds.items() if v is not None})
+    pruner = from_pretrained(source)
+    if args.finalize:
+        pruner.finalize()
+    model = pruner.model
+    dense = None if args.no_verify else copy.deepcopy(model)
+    before = sum(p.numel() for p in model.parameters())
+    compact(pruner, rule=rule)
+    after = sum(p.numel() for p in model.parameters())
+    summary = {"parameters_before": before, "parameters_after": after, "parameter_ratio": after / before}
+    if dense is not None:
+        inputs = _check_inputs(model)
+        with torch.no_grad():
+            diff = max(
+                float((a - b).abs().max())
+                for a, b in zip(_tensors(dense(**inputs)), _tensors(model(**inputs)))
+            )
+        summary["max_abs_diff"] = diff
+        if diff > args.atol:
+            raise NeuroPruneError(
+                f"compaction changed the outputs by {diff:.2e} (> --atol {args.atol}); nothing was saved. "
+                "Please report this with the model folder."
+            )
+    structure = pruner.structure()
+    for key in ("mlp_neurons", "attention_inputs"):
+        summary[f"{key}_kept"] = sum(len(v) for v in structure.get(key, {}).values())
+    save_pretrained(pruner, target, _tokenizer(source), extra={"compaction": summary})
+    print(f"compacted model saved to {target}: {before:,} -> {after:,} parameters ({after / before:.1%})"
+          + (f", outputs within {summary['max_abs_diff']:.1e}" if "max_abs_diff" in summary else ""))
+    return 0
+
+
+def _check_inputs(model) -> dict:
+    from ..export import example_inputs
+
+    inputs = example_inputs(model, 2, 12)
+    if getattr(model.config, "is_encoder_decoder", False):
+        inputs["decoder_input_ids"] = inputs["input_ids"][:, :5]
+    return inputs
+
+
+def _tensors(output) -> list:
+    import torch
+
+    if not hasattr(output, "values"):
+        return [output]
+    return [v for v in output.values() if isinstance(v, torch.Tensor)]
+
+
+def _tokenizer(path: Path):
+    """The tokenizer saved beside the model, if there is one (copied to the compacted folder)."""
+    if not any((path / name).exists() for name in ("tokenizer_config.json", "tokenizer.json")):
+        return None
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError):
+        return None
