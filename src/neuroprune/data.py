@@ -119,8 +119,35 @@ def read_file(path: str | Path, split: str) -> Split:
     try:
         dataset = datasets.Dataset.from_list(rows)
     except (TypeError, ValueError, ArithmeticError) as err:
-        raise DataError(f"{path}: rows have inconsistent value types ({err}).") from None
+        raise DataError(
+            _type_mismatch(rows, lines, path) or f"{path}: inconsistent value types ({err})."
+        ) from None
     return Split(split, dataset, str(path), lines)
+
+
+def _type_mismatch(rows: list[dict[str, Any]], lines: list[int], path: Path) -> str | None:
+    """Point at the first value whose type differs from the field's first value (ints and
+    floats mix freely)."""
+
+    def kind(value: Any) -> str:
+        return (
+            "number"
+            if isinstance(value, (int, float)) and not isinstance(value, bool)
+            else type(value).__name__
+        )
+
+    first: dict[str, str] = {}
+    for row, line in zip(rows, lines):
+        for key, value in row.items():
+            if value is None:
+                continue
+            expected = first.setdefault(key, kind(value))
+            if kind(value) != expected:
+                return (
+                    f"{path}, line {line}: field {key!r} is {value!r} ({kind(value)}), but earlier "
+                    f"rows hold {expected} values; fix the file so every row has the same types."
+                )
+    return None
 
 
 def _read_jsonl(path: Path, fmt: str) -> tuple[list[dict[str, Any]], list[int]]:

@@ -1,0 +1,150 @@
+"""NeuroPruneTrainer: the regulariser in the loss (also under gradient accumulation), heads pruned
+at epoch ends and every N steps with the optimiser kept in step, finalisation, the values it logs,
+and a custom method plugged in."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import (
+    AutoModelForSequenceClassification,
+    DataCollatorWithPadding,
+    Trainer,
+    TrainingArguments,
+)
+
+import textdata
+from neuroprune import NeuroPrune, NeuroPruneConfig
+from neuroprune.trainer import NeuroPruneTrainer, PruningMethod
+
+from tiny import duplicate_group, tiny_config
+
+
+def _setup(tmp_path, duplicate=True, **args):
+    torch.manual_seed(0)
+    config = tiny_config("bert")
+    config.num_labels = 2
+    model = AutoModelForSequenceClassification.from_config(config)
+    pruner = NeuroPrune(model, NeuroPruneConfig(alpha=1e-3, beta=1e-3, theta=0.02))
+    if duplicate:
+        with torch.no_grad():
+            duplicate_group(model, pruner.attention[0], src=1, dst=3)
+    tok = textdata.tokenizer()
+    rows = textdata.sentiment_rows(16)
+    data = Dataset.from_list(rows).map(
+        lambda b: {**tok(b["sentence"]), "labels": b["label"]},
+        batched=True,
+        remove_columns=["sentence", "label"],
+    )
+    defaults = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=4,
+        num_train_epochs=2,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        learning_rate=1e-3,
+        disable_tqdm=True,
+    )
+    args = TrainingArguments(**{**defaults, **args})
+    return model, pruner, tok, data, args
+
+
+def _trainer(model, tok, data, args, **kw):
+    return NeuroPruneTrainer(
+        model=model,
+        args=args,
+        train_dataset=data,
+        eval_dataset=data,
+        data_collator=DataCollatorWithPadding(tok),
+        **kw,
+    )
+
+
+def test_heads_pruned_each_epoch_optimizer_in_step_and_finalised(tmp_path):
+    model, pruner, tok, data, args = _setup(tmp_path)
+    trainer = _trainer(model, tok, data, args, pruner=pruner)
+    trainer.train()
+    assert pruner.attention[0].num_heads == 3  # the duplicate went at the end of epoch 1
+    assert pruner.passes == 2
+    params = {id(p) for p in model.parameters()}
+    opt = trainer.optimizer.optimizer
+    for group in opt.param_groups:
+        for p in group["params"]:
+            assert id(p) in params  # no stale (pre-removal) tensor left in the optimiser
+            if p in opt.state:
+                assert opt.state[p]["exp_avg"].shape == p.shape
+    for unit in [*pruner.attention, *pruner.mlps]:  # finalised: nothing below eps but exact zeros
+        for mat in unit.matrices().values():
+            assert not ((mat.abs() < pruner.config.eps) & (mat != 0)).any()
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert {"sparsity", "heads_kept", "penalty_mlp", "penalty_attention"} <= set(logged[0])
+    assert logged[0]["heads_kept"] == 8 and logged[-1]["heads_kept"] == 7
+    metrics = trainer.evaluate()
+    assert metrics["heads_kept"] == 7 and "sparsity/bert.encoder.layer.0.attention" in metrics
+    assert "degree_sd/bert.encoder.layer.0" in metrics
+
+
+def test_prune_every_steps_within_one_epoch(tmp_path):
+    model, pruner, tok, data, args = _setup(tmp_path, num_train_epochs=1)
+    trainer = _trainer(model, tok, data, args, pruner=pruner, prune_every_steps=2)
+    trainer.train()
+    assert pruner.passes == 2  # steps 2 and 4 (the epoch end at step 4 does not prune twice)
+    assert pruner.history and pruner.history[0]["pass"] == 0
+
+
+def test_regulariser_is_in_the_loss_once_per_optimizer_step(tmp_path):
+    model, pruner, tok, data, args = _setup(tmp_path, duplicate=False, gradient_accumulation_steps=2)
+    trainer = _trainer(model, tok, data, args, pruner=pruner)
+    batch = trainer._prepare_inputs(DataCollatorWithPadding(tok)(data[:4]))
+    model.train()
+    torch.manual_seed(0)
+    task = Trainer.compute_loss(trainer, model, dict(batch))
+    torch.manual_seed(0)
+    total = trainer.compute_loss(model, dict(batch))
+    reg = pruner.regularization_loss()
+    assert total.item() == pytest.approx(task.item() + reg.item(), rel=1e-5)
+    # when the task loss is already normalised over the accumulated batch, the Trainer does not
+    # divide it by the accumulation steps, so the regulariser is divided here instead
+    trainer.current_gradient_accumulation_steps = 2
+    trainer.loss_is_scaled_for_ga = True
+    torch.manual_seed(0)
+    scaled = trainer.compute_loss(model, dict(batch))
+    assert scaled.item() == pytest.approx(task.item() + reg.item() / 2, rel=1e-5)
+    model.eval()  # evaluation loss is the task loss alone
+    assert trainer.compute_loss(model, dict(batch)).item() < task.item() + reg.item() / 2
+
+
+class CountingMethod(PruningMethod):
+    name = "counting"
+
+    def __init__(self, model):
+        self.model, self.steps, self.epochs, self.ended = model, 0, 0, False
+
+    def regularization_loss(self):
+        return 0.0 * sum(p.sum() for p in self.model.parameters())
+
+    def on_step_end(self, step):
+        self.steps = step
+        return []
+
+    def on_epoch_end(self, epoch):
+        self.epochs = epoch + 1
+        return []
+
+    def on_train_end(self):
+        self.ended = True
+
+    def log_values(self, detailed=False):
+        return {"custom_value": 1.5}
+
+
+def test_a_custom_method_plugs_in(tmp_path):
+    model, _, tok, data, args = _setup(tmp_path, duplicate=False)
+    method = CountingMethod(model)
+    trainer = _trainer(model, tok, data, args, method=method)
+    trainer.train()
+    assert (method.steps, method.epochs, method.ended) == (8, 2, True)
+    assert all(h.get("custom_value") == 1.5 for h in trainer.state.log_history)
