@@ -17,6 +17,7 @@ Sharded training (FSDP, DeepSpeed ZeRO) is refused by `refuse_sharded`: see its 
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -50,8 +51,11 @@ def is_distributed() -> bool:
 
 
 def is_main_process() -> bool:
-    """Rank 0, or the only process: the one that writes files."""
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    """Rank 0, or the only process: the one that writes files. Before the process group exists
+    (early in a `torchrun` / `accelerate launch` run) the launcher's RANK variable says."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return os.environ.get("RANK", "0") == "0"
 
 
 def unwrap(model: nn.Module) -> nn.Module:

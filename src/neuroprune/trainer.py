@@ -22,7 +22,9 @@ from typing import Any
 import torch
 from transformers import Seq2SeqTrainer, Trainer, TrainerCallback
 
+from . import distributed
 from .errors import NeuroPruneError
+from .guards import check_loss, check_weights, newest_good_checkpoint, write_manifest
 from .optim import remap_optimizer
 from .pruner import NeuroPrune
 from .surgery import ParamChange
@@ -86,7 +88,7 @@ class NeuroPruneMethod(PruningMethod):
         if self._pruned_at == self._step:  # a step-end pass already ran at this very step
             return []
         self._pruned_at = self._step
-        self.pruner.prune_redundant_heads()
+        distributed.prune_redundant_heads(self.pruner)  # the same decision on every rank
         return self.pruner.last_changes
 
     def on_step_end(self, step: int) -> list[ParamChange]:
@@ -144,8 +146,15 @@ class _MethodCallback(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        # never seal non-finite weights as a good checkpoint
+        check_weights(self.trainer.model, state.global_step, self.trainer.last_good_checkpoint)
+        if distributed.is_distributed():
+            torch.distributed.barrier()  # every rank's files (RNG states) are in the folder
         if args.should_save and folder.is_dir():
             write_method_state(folder, self.trainer.method)
+            write_manifest(folder)  # sealed last: an unsealed folder is never resumed from
+        if folder.is_dir():
+            self.trainer.last_good_checkpoint = str(folder)
 
     def on_train_end(self, args, state, control, **kwargs):
         self.trainer.method.on_train_end()
@@ -193,6 +202,7 @@ class NeuroPruneMixin:
         )
         # First, so that the method's state is in a checkpoint before any user callback sees it.
         kwargs["callbacks"] = [_MethodCallback(self), *(kwargs.get("callbacks") or [])]
+        self.last_good_checkpoint: str | None = None  # named when the loss turns non-finite
         super().__init__(*args, **kwargs)
 
     # --- loss -----------------------------------------------------------------------------------
@@ -229,6 +239,18 @@ class NeuroPruneMixin:
         if not changes or self.optimizer is None:
             return
         remap_optimizer(getattr(self.optimizer, "optimizer", self.optimizer), changes)
+        if isinstance(self.model_wrapped, torch.nn.parallel.DistributedDataParallel):
+            # the old wrapper all-reduces the removed parameters' gradients only: build a new one
+            old, self.model_wrapped = self.model_wrapped, distributed.rewrap_ddp(self.model_wrapped)
+            models = self.accelerator._models
+            self.accelerator._models = [self.model_wrapped if m is old else m for m in models]
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel) and model is not self.model_wrapped:
+            model = self.model_wrapped  # the Trainer's loop still holds the wrapper from before removal
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        check_loss(loss, self.state.global_step + 1, self.last_good_checkpoint)
+        return loss
 
     # --- logging --------------------------------------------------------------------------------
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -240,13 +262,14 @@ class NeuroPruneMixin:
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):
         """As `Trainer.train`; when resuming, the method's state (e.g. the heads already removed)
         is restored first, so the checkpoint's smaller weights and optimiser state fit."""
+        distributed.refuse_sharded(self.model, self.accelerator)
         if resume_from_checkpoint is True:
-            from transformers.trainer_utils import get_last_checkpoint
-
-            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+            found = list(Path(self.args.output_dir).glob("checkpoint-*"))
+            resume_from_checkpoint = newest_good_checkpoint(found)
             if resume_from_checkpoint is None:
-                raise NeuroPruneError(f"no checkpoint to resume from in {self.args.output_dir}.")
+                raise NeuroPruneError(f"no intact checkpoint to resume from in {self.args.output_dir}.")
         if resume_from_checkpoint:
+            self.last_good_checkpoint = str(resume_from_checkpoint)
             saved = read_method_state(resume_from_checkpoint)
             if saved["method"] != self.method.name:
                 raise NeuroPruneError(
