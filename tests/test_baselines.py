@@ -53,6 +53,7 @@ def test_gmp_masks_stay_zero_through_optimizer_steps():
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     inputs = tiny_inputs("llama")
     total = 12
+    method.on_train_begin(total, opt)
     for step in range(1, total + 1):
         loss = model(**inputs, labels=inputs["input_ids"]).loss
         opt.zero_grad()
@@ -60,11 +61,12 @@ def test_gmp_masks_stay_zero_through_optimizer_steps():
         opt.step()
         if method.gmp.masks is not None:  # the optimiser moved pruned weights off zero...
             assert any((m[~k] != 0).any() for k, m in zip(method.gmp.masks, counted_matrices(method.pruner)))
-        method.after_step(opt, step, total)
+        assert method.on_step_end(step) == []
         # ...and the masks put them back: everything pruned so far is exactly zero
         for keep, mat in zip(method.gmp.masks or [], counted_matrices(method.pruner)):
             assert (mat[~keep] == 0).all()
-    report = method.finalize()
+    method.on_train_end()
+    report = method.pruner.sparsity_report()
     assert report.sparsity == pytest.approx(0.7, abs=0.01)
     for layer in report.layers:  # unstructured and uniform: every matrix at the target
         for value in layer.matrices.values():
@@ -75,11 +77,12 @@ def test_gmp_masks_stay_zero_through_optimizer_steps():
 def test_l1_method_never_removes_heads_and_dense_changes_nothing():
     model = tiny_model("bert")
     l1 = build_method("l1", model, NeuroPruneConfig(theta=100.0), target_sparsity=0.5)
-    assert l1.after_epoch() == {}
+    assert l1.on_epoch_end(0) == [] and l1.pruner.sparsity_report().heads_kept == 8
     dense_model = tiny_model("bert")
     before = [p.clone() for p in dense_model.parameters()]
     dense = build_method("dense", dense_model)
-    assert dense.loss().item() == 0.0 and dense.after_step(None, 1, 1) == {} and dense.after_epoch() == {}
+    dense.on_train_begin(1, None)
+    assert dense.regularization_loss() is None and dense.on_step_end(1) == [] and dense.on_epoch_end(0) == []
     assert all(torch.equal(a, b) for a, b in zip(before, dense_model.parameters()))
     assert dense.summary()["target_sparsity"] is None
 
@@ -87,9 +90,9 @@ def test_l1_method_never_removes_heads_and_dense_changes_nothing():
 def test_loss_mode_puts_penalty_in_loss_and_proximal_mode_does_not():
     model = tiny_model("bert")
     paper = build_method("neuroprune", model, NeuroPruneConfig(alpha=1e-2, beta=1e-2))
-    assert not paper.proximal and paper.loss().item() > 0
+    assert not paper.proximal and paper.regularization_loss().item() > 0
     steered = build_method("neuroprune", model, NeuroPruneConfig(alpha=1e-2, beta=1e-2), target_sparsity=0.5)
-    assert steered.proximal and steered.loss().item() == 0.0
+    assert steered.proximal and steered.regularization_loss() is None
     assert len(matrix_parameters(steered.pruner)) == len(counted_matrices(steered.pruner))
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from neuroprune import ConfigError, NeuroPrune, NeuroPruneConfig
+from neuroprune import ConfigError, NeuroPrune, NeuroPruneConfig, remap_optimizer
 from neuroprune.controller import SparsityTarget, TargetController, cubic_schedule, near_zero_sparsity
 from neuroprune.methods import build_method
 
@@ -67,25 +67,27 @@ def train_tiny(method_name: str, target: float, epochs: int = 3, steps_per_epoch
     total = epochs * steps_per_epoch
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / total)
+    method.on_train_begin(total, opt)
     step = 0
-    for _ in range(epochs):
+    for epoch in range(epochs):
         for idx in torch.randperm(len(x), generator=g).split(32):
-            loss = model(input_ids=x[idx], labels=y[idx]).loss + method.loss()
+            loss = model(input_ids=x[idx], labels=y[idx]).loss + (method.regularization_loss() or 0)
             opt.zero_grad()
             loss.backward()
             opt.step()
             sched.step()
             step += 1
-            method.after_step(opt, step, total)
-        method.after_epoch(opt)
-    return method, method.finalize()
+            remap_optimizer(opt, method.on_step_end(step))
+        remap_optimizer(opt, method.on_epoch_end(epoch))
+    method.on_train_end()
+    return method, method.pruner.sparsity_report()
 
 
 @pytest.mark.parametrize(("name", "target"), [("neuroprune", 0.6), ("l1", 0.85)])
 def test_controller_reaches_target_within_two_points(name, target):
     method, report = train_tiny(name, target)
     assert abs(report.sparsity - target) <= 0.02, method.controller.history[-5:]
-    summary = method.summary(report)
+    summary = method.summary()
     assert summary["target_sparsity"] == target and summary["achieved_sparsity"] == report.sparsity
     # the controller moved the penalty weights far from where the user put them
     assert summary["alpha"] != 1e-3
