@@ -252,7 +252,10 @@ def resolve_fields(
     first = splits.get("train") or next(iter(splits.values()))
     columns = list(first.dataset.column_names)
     if text_fields:
-        fields = Fields(list(text_fields), label_field)
+        label = label_field
+        if label is None and kind != "causal_lm":
+            label = next((c for c in LABEL_FIELDS if c in columns and c not in text_fields), None)
+        fields = Fields(list(text_fields), label)
     elif kind == "seq2seq" or (kind is None and "translation" in columns):
         fields = _seq2seq_fields(first, columns, label_field, source_lang, target_lang)
     elif kind == "causal_lm":

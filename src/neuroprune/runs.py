@@ -24,6 +24,7 @@ from .data import DataError, build_task, collator, encode, glue_name, load_split
 from .distributed import is_main_process
 from .errors import ConfigError, NeuroPruneError
 from .guards import newest_good_checkpoint
+from .methods import ScheduleCallback, build_method, check_method
 from .pruner import NeuroPrune
 from .tasks import KINDS, Task
 from .trainer import NeuroPruneSeq2SeqTrainer, NeuroPruneTrainer
@@ -74,6 +75,8 @@ class TrainSettings:
     merge: str = "output"
     prune_heads: bool = True
     prune_every_steps: int = 0
+    method: str = "neuroprune"  # neuroprune, l1, gmp or dense (neuroprune.methods)
+    target_sparsity: float | None = None  # fraction; alpha / beta are then steered to reach it
     save_steps: int = 0  # 0: checkpoint at the end of every epoch
     logging_steps: int = 50
     generation_max_length: int = 128
@@ -109,6 +112,7 @@ class TrainSettings:
         if self.task is not None and self.task not in KINDS:
             raise ConfigError(f"task={self.task!r} is not one of {', '.join(KINDS)}.")
         self.neuroprune_config()
+        check_method(self.method, self.target_sparsity)
 
     def neuroprune_config(self) -> NeuroPruneConfig:
         return NeuroPruneConfig(
@@ -351,6 +355,7 @@ def build_trainer(
     pruner: NeuroPrune | None,
     prune_every_steps: int = 0,
     callbacks: list | None = None,
+    method: Any = None,
 ) -> Any:
     cls = NeuroPruneSeq2SeqTrainer if task.kind == "seq2seq" else NeuroPruneTrainer
     return cls(
@@ -362,7 +367,8 @@ def build_trainer(
         processing_class=tokenizer,
         compute_metrics=task.compute_metrics(tokenizer),
         preprocess_logits_for_metrics=task.preprocess_logits(),
-        pruner=pruner,
+        pruner=pruner if method is None else None,
+        method=method,
         prune_every_steps=prune_every_steps,
         callbacks=callbacks,
     )
@@ -433,7 +439,8 @@ def train_run(s: TrainSettings, callbacks: list | None = None, quiet: bool = Fal
     transformers.set_seed(s.seed)
     splits, task, fields = prepare_data(s)
     model, tokenizer = load_model(s.model, task)
-    pruner = NeuroPrune(model, s.neuroprune_config())
+    method = build_method(s.method, model, s.neuroprune_config(), s.target_sparsity, s.prune_every_steps)
+    pruner = method.pruner
     encoded = encode(
         splits,
         task,
@@ -447,7 +454,8 @@ def train_run(s: TrainSettings, callbacks: list | None = None, quiet: bool = Fal
     elapsed = records[-1]["wall_clock_s"] if records else 0.0
     recorder = RunRecorder(run, records, elapsed)
     trainer = build_trainer(
-        model, tokenizer, task, args, encoded, pruner, s.prune_every_steps, [recorder, *(callbacks or [])]
+        model, tokenizer, task, args, encoded, pruner, s.prune_every_steps,
+        [recorder, ScheduleCallback(method), *(callbacks or [])], method=method,
     )
     t0 = time.perf_counter()
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
@@ -457,9 +465,10 @@ def train_run(s: TrainSettings, callbacks: list | None = None, quiet: bool = Fal
     test = None
     if "test" in encoded and "labels" in encoded["test"].column_names:
         test = trainer.evaluate(encoded["test"], metric_key_prefix="test")
-    recorder.add({**final, **(test or {})}, trainer.state.epoch, trainer.state.global_step, final=True)
+    recorder.add({**final, **(test or {})}, trainer.state.epoch, trainer.state.global_step, final=True,
+                 **method.summary())
     report = pruner.sparsity_report()
-    run.write("sparsity.json", report.to_dict())
+    run.write("sparsity.json", {**report.to_dict(), **method.summary()})
     if is_main_process():
         pruner.save_pretrained(run.model, tokenizer)
     if not quiet:

@@ -57,7 +57,6 @@ HELP = {
     "resume": "continue the run in --output-dir from its last checkpoint",
     "overwrite": "replace an existing run in --output-dir",
 }
-HIDDEN = {"extra"}
 
 
 def _base_type(annotation: Any) -> type:
@@ -71,9 +70,7 @@ def _base_type(annotation: Any) -> type:
 
 def settings_types() -> dict[str, type]:
     hints = typing.get_type_hints(TrainSettings)
-    return {
-        f.name: _base_type(hints[f.name]) for f in dataclasses.fields(TrainSettings) if f.name not in HIDDEN
-    }
+    return {f.name: _base_type(hints[f.name]) for f in dataclasses.fields(TrainSettings)}
 
 
 def add_settings_arguments(parser: argparse.ArgumentParser, names: list[str] | None = None) -> None:
@@ -157,7 +154,6 @@ def resolve_settings(args: argparse.Namespace) -> TrainSettings:
 
         saved = RunDir(values.get("output_dir", TrainSettings.output_dir)).read("run_config.json")
         if saved:
-            saved.pop("extra", None)
             values = {**saved, **values}
     return TrainSettings.from_dict(values, source="settings")
 

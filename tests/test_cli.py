@@ -1,0 +1,187 @@
+"""`neuroprune train` / `eval` from the command line: the run directory contract, config files
+(YAML and JSON, round trip through run_config.json), and one-paragraph errors with exit 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+import textdata
+from neuroprune.cli import main
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    model = textdata.model_folder(root / "model", "bert")
+    files = textdata.splits(root / "data", textdata.sentiment_rows)
+    test = textdata.write(root / "data" / "test.jsonl", textdata.sentiment_rows(8, seed=5))
+    return {
+        "root": root,
+        "model": str(model),
+        "train": str(files["train"]),
+        "validation": str(files["validation"]),
+        "test": str(test),
+    }
+
+
+def _train(env, out, *extra):
+    return main(
+        [
+            "train",
+            "--model",
+            env["model"],
+            "--train-file",
+            env["train"],
+            "--validation-file",
+            env["validation"],
+            "--output-dir",
+            str(out),
+            "--epochs",
+            "1",
+            "--batch-size",
+            "8",
+            "--report-to",
+            "none",
+            "--logging-steps",
+            "1",
+            *extra,
+        ]
+    )
+
+
+def test_train_writes_the_run_directory_and_eval_reads_it(env, capsys):
+    out = env["root"] / "run"
+    assert _train(env, out, "--alpha", "0.001", "--test-file", env["test"], "--max-train-samples", "12") == 0
+    config = json.loads((out / "run_config.json").read_text())
+    assert config["alpha"] == 0.001 and config["max_train_samples"] == 12 and config["epochs"] == 1
+    versions = json.loads((out / "versions.json").read_text())
+    assert {"python", "torch", "transformers", "neuroprune", "seed", "cpu_count"} <= set(versions)
+    metrics = json.loads((out / "metrics.json").read_text())
+    required = {
+        "epoch",
+        "step",
+        "eval_accuracy",
+        "sparsity",
+        "model_sparsity",
+        "heads_kept",
+        "heads_total",
+        "penalty_mlp",
+        "penalty_attention",
+        "train_loss",
+        "wall_clock_s",
+    }
+    assert len(metrics) == 2 and all(required <= set(m) for m in metrics)  # epoch 1, then final
+    assert metrics[-1]["final"] and "test_accuracy" in metrics[-1]
+    assert metrics[0]["step"] == 2  # 12 samples / batch 8
+    sparsity = json.loads((out / "sparsity.json").read_text())
+    assert sparsity["heads_total"] == 8 and len(sparsity["layers"]) == 4
+    assert (out / "model" / "neuroprune.json").exists() and list((out / "checkpoints").glob("checkpoint-*"))
+    assert not list(out.rglob(".*.tmp*"))  # no temporary files left behind
+    stdout = capsys.readouterr().out
+    printed = json.loads(stdout[stdout.rindex('{\n "run_dir"') :])
+    assert printed["run_dir"] == str(out) and printed["heads_total"] == 8
+
+    report = env["root"] / "eval.json"
+    assert main(["eval", "--model", str(out), "--test-file", env["test"], "--output", str(report)]) == 0
+    evaluated = json.loads(report.read_text())
+    assert evaluated["test_accuracy"] == pytest.approx(metrics[-1]["test_accuracy"])
+    assert evaluated["heads_kept"] == sparsity["heads_kept"]
+
+
+def test_config_file_round_trip(env, tmp_path):
+    yaml_file = tmp_path / "cfg.yaml"
+    yaml_file.write_text(
+        f"model: {env['model']}\ntrain-file: {env['train']}\nvalidation_file: {env['validation']}\n"
+        "alpha: 1e-4\nbeta: 2e-4\ntheta: 0.3\nepochs: 1\nbatch_size: 8\nreport_to: none\n"
+        "text_fields: [sentence]\nprune_heads: false\n"
+    )
+    out = tmp_path / "a"
+    assert main(["train", "--config", str(yaml_file), "--output-dir", str(out), "--beta", "3e-4"]) == 0
+    saved = json.loads((out / "run_config.json").read_text())
+    assert (saved["alpha"], saved["beta"], saved["theta"]) == (
+        1e-4,
+        3e-4,
+        0.3,
+    )  # YAML 1e-4 is a number; flag wins
+    assert saved["text_fields"] == ["sentence"] and saved["prune_heads"] is False
+    # The resolved config of one run is a valid config file for the next, and reproduces it.
+    again = tmp_path / "b"
+    assert main(["train", "--config", str(out / "run_config.json"), "--output-dir", str(again)]) == 0
+    second = json.loads((again / "run_config.json").read_text())
+    assert {k: v for k, v in second.items() if k != "output_dir"} == {
+        k: v for k, v in saved.items() if k != "output_dir"
+    }
+    first_metrics = json.loads((out / "metrics.json").read_text())
+    second_metrics = json.loads((again / "metrics.json").read_text())
+    assert first_metrics[-1]["eval_loss"] == pytest.approx(second_metrics[-1]["eval_loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"--model": "/nonexistent/model"}, "model path /nonexistent/model does not exist"),
+        ({"--train-file": "/nonexistent/train.jsonl"}, "train file /nonexistent/train.jsonl does not exist"),
+        ({"--train-file": "EMPTY"}, "is empty"),
+        ({"--label-field": "stars"}, "field 'stars' is not in the file"),
+        (
+            {"--task": "regression"},
+            "line 1: label 'pos' in 'label' is not a number, but the task is regression",
+        ),
+        ({"--alpha": "-1"}, "alpha=-1.0 is out of range: alpha must be >= 0.0"),
+        ({"--theta": "0"}, "theta=0.0 is out of range: theta must be > 0.0"),
+        ({"--epochs": "0"}, "epochs=0.0 is out of range: epochs must be > 0"),
+        ({"--config": "MISSING.yaml"}, "config file MISSING.yaml does not exist"),
+        ({"--config": "BAD"}, "unknown setting 'alpah'"),
+    ],
+)
+def test_bad_input_is_one_paragraph_and_exit_2(env, tmp_path, capsys, change, message):
+    strings = textdata.splits(tmp_path / "d", textdata.sentiment_rows, labels="str")
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "bad.yaml").write_text("alpah: 0.1\n")
+    args = {
+        "--model": env["model"],
+        "--train-file": str(strings["train"]),
+        "--output-dir": str(tmp_path / "o"),
+        "--report-to": "none",
+    }
+    special = {"EMPTY": str(tmp_path / "empty.jsonl"), "BAD": str(tmp_path / "bad.yaml")}
+    args.update({k: special.get(v, v) for k, v in change.items()})
+    argv = ["train"] + [x for pair in args.items() for x in pair]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]  # earlier lines can only be progress bars
+    assert last.startswith("neuroprune train: error:") and message in last
+    assert "Traceback" not in err
+
+
+def test_existing_run_is_not_overwritten_silently(env, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _train(env, out, "--max-train-samples", "4") == 0
+    assert _train(env, out, "--max-train-samples", "4") == 2
+    assert "already holds a run; pass --resume" in capsys.readouterr().err
+    assert _train(env, out, "--max-train-samples", "4", "--overwrite") == 0
+
+
+def test_entry_point_exit_code_and_message():
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "neuroprune.cli",
+            "train",
+            "--train-file",
+            "/nope.jsonl",
+            "--epochs",
+            "-1",
+            "--report-to",
+            "none",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "neuroprune train: error: epochs=-1.0 is out of range: epochs must be > 0."
