@@ -1,11 +1,19 @@
 """Crash safety: non-finite values stop a run with the step and the last good checkpoint, and only
 sealed, intact checkpoints are resumed from."""
 
+import json
 import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
 
+import textdata
+from neuroprune import cli
 from neuroprune.errors import NeuroPruneError
 from neuroprune.guards import (
     MANIFEST_FILE,
@@ -76,3 +84,81 @@ def test_the_newest_intact_checkpoint_is_chosen_and_skips_are_reported(tmp_path)
     assert "checkpoint-12 is unusable" in messages[0] and "never completed" in messages[0]
     assert "checkpoint-10 is unusable" in messages[1] and "truncated" in messages[1]
     assert newest_good_checkpoint([], messages.append) is None
+
+
+# --- a real run killed with SIGKILL mid-epoch, then resumed ------------------------------------
+KILL_AT = 9  # 6 steps per epoch: mid-epoch 2, after the epoch-1 pruning pass and checkpoint-8
+
+DRIVER = """
+import json, os, signal, sys
+from transformers import TrainerCallback
+from neuroprune.runs import TrainSettings, train_run
+
+class Kill(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == int(sys.argv[2]):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+train_run(TrainSettings(**json.loads(sys.argv[1])), callbacks=[Kill()], quiet=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: extra threads only spin against the other jobs on the machine
+    root = tmp_path_factory.mktemp("crash")
+    model = textdata.model_folder(root / "model", "bert")
+    files = textdata.splits(root / "data", textdata.sentiment_rows, sizes=(24, 8))
+    settings = dict(model=str(model), train_file=str(files["train"]),
+                    validation_file=str(files["validation"]),
+                    epochs=2, batch_size=4, save_steps=4, learning_rate=1e-3, alpha=1e-2, beta=1e-2,
+                    theta=0.085, max_length=16, logging_steps=100, report_to="none", seed=7)
+    yield root, settings
+    torch.set_num_threads(threads)
+
+
+def _outcome(run_dir):
+    sparsity = json.loads((run_dir / "sparsity.json").read_text())
+    meta = json.loads((run_dir / "model" / "neuroprune.json").read_text())
+    return sparsity, meta["structure"]["heads"]
+
+
+def _cli(settings, output_dir, *extra):
+    argv = ["train", "--output-dir", str(output_dir)]
+    for key, value in settings.items():
+        argv += [f"--{key.replace('_', '-')}", str(value)]
+    assert cli.main([*argv, *extra]) == 0
+
+
+def test_sigkill_mid_epoch_then_resume_ends_like_an_uninterrupted_run(setup, tmp_path, capsys):
+    root, settings = setup
+    _cli(settings, tmp_path / "straight")
+    expected_sparsity, expected_heads = _outcome(tmp_path / "straight")
+    assert sum(len(h) for h in expected_heads.values()) < 8, "the run must remove heads to test their restore"
+
+    killed = tmp_path / "killed"
+    proc = subprocess.run([sys.executable, "-c", DRIVER, json.dumps({**settings, "output_dir": str(killed)}),
+                           str(KILL_AT)], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert not (killed / "model").exists()
+    assert sorted(p.name for p in (killed / "checkpoints").glob("checkpoint-*")) == ["checkpoint-4",
+                                                                                   "checkpoint-8"]
+    shutil.copytree(killed, tmp_path / "corrupted")
+
+    _cli(settings, killed, "--resume")
+    sparsity, heads = _outcome(killed)
+    assert heads == expected_heads
+    assert sparsity["sparsity"] == pytest.approx(expected_sparsity["sparsity"], abs=1e-6)
+    assert sparsity["heads_kept"] == expected_sparsity["heads_kept"]
+
+    # the latest checkpoint corrupted on disk: detected, reported, the previous one used
+    weights = tmp_path / "corrupted" / "checkpoints" / "checkpoint-8" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    capsys.readouterr()
+    _cli(settings, tmp_path / "corrupted", "--resume")
+    assert "checkpoint-8 is unusable: model.safetensors has" in capsys.readouterr().err
+    sparsity, heads = _outcome(tmp_path / "corrupted")
+    assert heads == expected_heads
+    assert sparsity["sparsity"] == pytest.approx(expected_sparsity["sparsity"], abs=1e-6)
