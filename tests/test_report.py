@@ -131,3 +131,16 @@ def test_layer_option_and_errors(runs: tuple[Path, Path], tmp_path: Path, capsys
     assert "no model/ folder" in capsys.readouterr().err
     assert np.isfinite(json.loads((out / "stats.json").read_text())["runs"][0]["dense_reference"]
                        ["pooled_sd_percent"])
+
+
+def test_every_figure_is_labelled(runs: tuple[Path, Path]) -> None:
+    from neuroprune.report import _figures, analyse_run
+
+    analysed = [analyse_run(p, p.name, None, {}) for p in runs]
+    for _section, title, caption, _file, draw in _figures(analysed):
+        fig = draw()
+        assert fig.get_suptitle() or any(ax.get_title() for ax in fig.axes), title
+        for ax in fig.axes:
+            if ax.axison:  # the graph drawing has no axes to label
+                assert ax.get_xlabel() and ax.get_ylabel(), (title, ax.get_title())
+        assert caption

@@ -83,7 +83,7 @@ def _show(ax, nonzero: np.ndarray, removed_cols: np.ndarray, title: str, xlabel:
         ax.axvline(x / f - 0.5, color="#3182ce", linewidth=1.2)
     edges = [0, *separators, nonzero.shape[1]]
     for name, left, right in zip(blocks, edges, edges[1:]):
-        ax.text((left + right) / 2 / f, -0.01, name, transform=ax.get_xaxis_transform(), ha="center",
+        ax.text((left + right) / 2 / f, 1.005, name, transform=ax.get_xaxis_transform(), ha="center",
                 va="bottom", fontsize=10, fontweight="bold", color="#3182ce")
     zero_rows = int((nonzero.sum(1) == 0).sum())
     live_cols = ~removed_cols
@@ -285,6 +285,7 @@ def heads_removed(removed: dict[str, list[int]], heads: dict[str, int], title: s
     ax_layer.set_yticks(range(len(names)), labels, fontsize=8)
     ax_layer.invert_yaxis()
     ax_layer.set_xlabel("heads removed")
+    ax_layer.set_ylabel("attention block")
     ax_layer.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_layer.set_title(f"per block (total {sum(counts)} of {sum(heads.values())})", fontsize=10)
     per_index = [sum(i in removed[n] for n in names) for i in range(width)]
@@ -347,6 +348,7 @@ def head_importance(runs: dict[str, HeadImportance]) -> Figure:
                           [f"{label}\n(n={len(v)})" for label, v, _ in present], fontsize=9)
         else:
             ax.text(0.5, 0.5, "no heads", ha="center", transform=ax.transAxes)
+        ax.set_xlabel("heads")
         ax.set_ylabel("head importance: sum |W_O| of its output slice")
         ax.set_title(name, fontsize=10)
     fig.suptitle("Importance of removed vs kept heads (paper Fig. 7 left)", fontsize=12)

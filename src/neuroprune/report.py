@@ -198,7 +198,10 @@ def analyse_run(path: str | Path, name: str, layer: str | None,
         degrees=degrees,
         heavy_tail=heavy_tail_test(np.concatenate([d.counts for d in degrees]) if degrees else np.zeros(0),
                                    max((d.row_length for d in degrees), default=None)),
-        heavy_tail_layers={d.name: heavy_tail_test(d.counts, d.row_length) for d in degrees},
+        heavy_tail_layers={
+            d.name: heavy_tail_test(d.counts, d.row_length)
+            for d in tqdm(degrees, desc=f"heavy-tail fits of {name}", unit="layer", leave=False)
+        },
         removed=removed,
         graph=layer_graph(pruner.history, unit, cfg.theta) if unit is not None else None,
         importance=head_importance(pruner.history, pruner.attention),
@@ -373,7 +376,7 @@ body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;mar
 max-width:1250px;padding:0 1em;color:#1a202c;line-height:1.45}
 h1{margin-bottom:.2em} h2{border-bottom:2px solid #e2e8f0;padding-bottom:.2em;margin-top:2em}
 table{border-collapse:collapse;margin:1em 0;font-size:.9em} th,td{border:1px solid #cbd5e0;
-padding:.3em .6em;text-align:right} th{background:#edf2f7} td:first-child,th:first-child{text-align:left}
+padding:.3em .6em;text-align:left} th{background:#edf2f7} td.n{text-align:right}
 figure{margin:1.5em 0} figure img{max-width:100%;border:1px solid #e2e8f0}
 figcaption{font-size:.9em;color:#4a5568;margin-top:.4em} .note{color:#4a5568;font-size:.9em}
 code{background:#edf2f7;padding:0 .25em;border-radius:3px} summary{cursor:pointer;font-weight:600}
@@ -384,10 +387,16 @@ def _e(value: Any) -> str:
     return html.escape(str(value))
 
 
+NUMBER = re.compile(r"^[-+]?[\d.]+(e[-+]?\d+)?%?(/\d+)?$")
+
+
 def _table(head: list[str], rows: list[list[Any]]) -> str:
+    """Numbers right-aligned, text left-aligned."""
     out = ["<table><tr>", *(f"<th>{_e(h)}</th>" for h in head), "</tr>"]
     for row in rows:
-        out += ["<tr>", *(f"<td>{_e(c)}</td>" for c in row), "</tr>"]
+        out.append("<tr>")
+        out += [f"<td class='n'>{_e(c)}</td>" if NUMBER.match(str(c)) else f"<td>{_e(c)}</td>" for c in row]
+        out.append("</tr>")
     out.append("</table>")
     return "".join(out)
 
