@@ -28,16 +28,16 @@ class DemoSettings:
     removed heads at little accuracy cost within the time budget (numbers in docs/training.md)."""
 
     output_dir: str = "runs/demo"
-    train_size: int = 1600
+    train_size: int = 1200
     validation_size: int = 400
     test_size: int = 800
     max_length: int = 64
     epochs: float = 2
     batch_size: int = 32
-    learning_rate: float = 1e-4
+    learning_rate: float = 2e-4
     alpha: float = 1e-3
     beta: float = 1e-3
-    theta: float = 0.45
+    theta: float = 0.43
     seed: int = 0
 
 
