@@ -3,11 +3,15 @@ step, GMP's cubic schedule and masks that stay zero through optimiser steps, den
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
+import textdata
 from neuroprune import ConfigError, NeuroPrune, NeuroPruneConfig
 from neuroprune.baselines import GradualMagnitudePruning, counted_matrices, l1_penalty, magnitude_mask
+from neuroprune.cli import main
 from neuroprune.methods import METHODS, build_method, matrix_parameters, proximal_step
 
 from tiny import tiny_inputs, tiny_model
@@ -108,3 +112,21 @@ def test_build_method_errors(name, target, message):
     with pytest.raises(ConfigError, match=message):
         build_method(name, tiny_model("bert"), target_sparsity=target)
     assert "neuroprune" in METHODS
+
+
+def test_cli_method_and_target_recorded(tmp_path):
+    model = textdata.model_folder(tmp_path / "model", "bert")
+    files = textdata.splits(tmp_path / "data", textdata.sentiment_rows, sizes=(64, 8))
+    common = ["train", "--model", str(model), "--train-file", str(files["train"]), "--validation-file",
+              str(files["validation"]), "--epochs", "2", "--batch-size", "8", "--learning-rate", "1e-3",
+              "--report-to", "none", "--alpha", "1e-3", "--beta", "1e-3"]
+    out = tmp_path / "gmp"
+    assert main([*common, "--output-dir", str(out), "--method", "gmp", "--target-sparsity", "0.6"]) == 0
+    sparsity = json.loads((out / "sparsity.json").read_text())
+    assert sparsity["method"] == "gmp" and sparsity["target_sparsity"] == 0.6
+    assert sparsity["achieved_sparsity"] == sparsity["sparsity"] == pytest.approx(0.6, abs=0.01)
+    final = json.loads((out / "metrics.json").read_text())[-1]
+    assert final["target_sparsity"] == 0.6 and final["achieved_sparsity"] == sparsity["sparsity"]
+    out = tmp_path / "bad"
+    assert main([*common, "--output-dir", str(out), "--method", "gmp"]) == 2
+    assert main([*common, "--output-dir", str(out), "--method", "l1", "--target-sparsity", "90"]) == 2

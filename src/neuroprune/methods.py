@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import TrainerCallback
 
 from .baselines import GradualMagnitudePruning, l1_penalty
 from .config import NeuroPruneConfig
@@ -181,6 +182,29 @@ class GMPMethod(ScheduledMethod):
         self.gmp.restore(state.get("gmp_sparsity", 0.0))
 
 
+class ScheduleCallback(TrainerCallback):
+    """Tells a `ScheduledMethod` inside a `NeuroPruneTrainer` how long training is and which
+    optimiser runs it (for the learning rate of the proximal step)."""
+
+    def __init__(self, method: ScheduledMethod) -> None:
+        self.method = method
+
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        self.method.on_train_begin(state.max_steps, getattr(optimizer, "optimizer", optimizer))
+
+
+def check_method(name: str, target_sparsity: float | None) -> None:
+    """Validate `--method` / `--target-sparsity` before any model is loaded."""
+    if name not in METHODS:
+        raise ConfigError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}.")
+    if target_sparsity is not None:
+        SparsityTarget(target_sparsity)
+    if name == "gmp" and target_sparsity is None:
+        raise ConfigError("--method gmp needs --target-sparsity (the sparsity to prune to).")
+    if name == "dense" and target_sparsity is not None:
+        raise ConfigError("--method dense does not sparsify: drop --target-sparsity or pick another method.")
+
+
 def build_method(
     name: str,
     model: nn.Module,
@@ -193,22 +217,17 @@ def build_method(
     the controller for neuroprune / l1 and is required by gmp. Extra keyword arguments go to the
     method (`proximal` for neuroprune / l1, `interval` for gmp). `config` is copied: the
     controller rewrites alpha and beta as it goes."""
+    check_method(name, target_sparsity)
     config = dataclasses.replace(config or NeuroPruneConfig())
     target = SparsityTarget(target_sparsity) if target_sparsity is not None else None
     if name == "neuroprune":
         return TargetNeuroPrune(NeuroPrune(model, config), prune_every_steps, target, **kwargs)
-    if name not in METHODS:
-        raise ConfigError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}.")
     if name == "l1":
         no_heads = dataclasses.replace(config, prune_heads=False)
         return L1Method(NeuroPrune(model, no_heads), 0, target, **kwargs)
     silent = dataclasses.replace(config, alpha=0.0, beta=0.0, prune_heads=False)
     if name == "gmp":
-        if target is None:
-            raise ConfigError("--method gmp needs --target-sparsity (the sparsity to prune to).")
-        return GMPMethod(NeuroPrune(model, silent), target, **kwargs)
-    if target is not None:
-        raise ConfigError("--method dense does not sparsify: drop --target-sparsity or pick another method.")
+        return GMPMethod(NeuroPrune(model, silent), target, **kwargs)  # type: ignore[arg-type]
     return DenseMethod(NeuroPrune(model, silent))
 
 
