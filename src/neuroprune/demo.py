@@ -8,6 +8,8 @@ names and plot words, which would leak labels across splits)."""
 
 from __future__ import annotations
 
+import bz2
+import csv
 import importlib.util
 import json
 import random
@@ -77,14 +79,13 @@ def movie_split(
 
 
 def load_corpus() -> list[dict[str, Any]]:
-    import pandas as pd
-
-    frame = pd.read_csv(corpus_path())
-    frame = frame[frame["category"].isin(LABELS)]  # drop the "plot" summaries
-    return [
-        {"text": r.text, "label": LABELS.index(r.category), "movie_name": r.movie_name}
-        for r in frame.itertuples()
-    ]
+    """Fresh and rotten snippets (the "plot" summaries are dropped), label 1 = fresh."""
+    with bz2.open(corpus_path(), "rt", encoding="utf-8", newline="") as handle:
+        return [
+            {"text": row["text"], "label": LABELS.index(row["category"]), "movie_name": row["movie_name"]}
+            for row in csv.DictReader(handle)
+            if row["category"] in LABELS
+        ]
 
 
 def write_splits(d: DemoSettings) -> dict[str, Path]:
