@@ -31,6 +31,7 @@ GLUE_FIELDS: dict[str, tuple[str, ...]] = {
     "ax": ("premise", "hypothesis"),
 }
 GLUE_VALIDATION = {"mnli": "validation_matched"}
+GLUE_CLASSES = {"cola": 2, "sst2": 2, "mrpc": 2, "qqp": 2, "mnli": 3, "qnli": 2, "rte": 2, "wnli": 2, "ax": 3}
 HUB_ALIASES = {"glue": "nyu-mll/glue"}
 # Usual field names, most specific first.
 TEXT_FIELDS: tuple[tuple[str, ...], ...] = (
@@ -110,6 +111,9 @@ def read_file(path: str | Path, split: str) -> Split:
         raise DataError(f"{split} file {path} is empty (no data rows); give a file with examples.")
     columns = list(rows[0])
     for row, line in zip(rows, lines):
+        bad = next((k for k, v in row.items() if _not_utf8(k) or _not_utf8(v)), None)
+        if bad is not None:
+            raise _not_utf8_error(path, line, f"field {bad!r}")
         if list(row) != columns:
             missing = sorted(set(columns) - set(row))
             if missing:
@@ -152,7 +156,7 @@ def _type_mismatch(rows: list[dict[str, Any]], lines: list[int], path: Path) -> 
 
 def _read_jsonl(path: Path, fmt: str) -> tuple[list[dict[str, Any]], list[int]]:
     rows, lines = [], []
-    with path.open(encoding="utf-8") as handle:
+    with path.open(encoding="utf-8", errors="surrogateescape") as handle:
         for number, text in enumerate(
             tqdm(handle, desc=f"reading {path.name}", unit=" lines", leave=False, mininterval=1.0), start=1
         ):
@@ -161,6 +165,8 @@ def _read_jsonl(path: Path, fmt: str) -> tuple[list[dict[str, Any]], list[int]]:
             try:
                 row = json.loads(text)
             except json.JSONDecodeError as err:
+                if _not_utf8(text):
+                    raise _not_utf8_error(path, number, "the line") from None
                 raise DataError(f"{path}, line {number}: not valid JSON ({err.msg}).") from None
             if not isinstance(row, dict):
                 raise DataError(f"{path}, line {number}: expected a JSON object per line, got {text[:60]!r}.")
@@ -171,23 +177,45 @@ def _read_jsonl(path: Path, fmt: str) -> tuple[list[dict[str, Any]], list[int]]:
 
 def _read_delimited(path: Path, fmt: str) -> tuple[list[dict[str, Any]], list[int]]:
     rows, lines = [], []
-    with path.open(encoding="utf-8", newline="") as handle:
+    with path.open(encoding="utf-8", errors="surrogateescape", newline="") as handle:
         reader = csv.DictReader(
             handle,
             delimiter="\t" if fmt == "tsv" else ",",
             quoting=csv.QUOTE_NONE if fmt == "tsv" else csv.QUOTE_MINIMAL,
         )
-        if not reader.fieldnames:
-            return [], []
-        for row in tqdm(reader, desc=f"reading {path.name}", unit=" rows", leave=False, mininterval=1.0):
-            if None in row:
-                raise DataError(
-                    f"{path}, line {reader.line_num}: more values than the {len(reader.fieldnames)} "
-                    f"header fields {reader.fieldnames}."
-                )
-            rows.append(row)
-            lines.append(reader.line_num)
+        try:
+            if not reader.fieldnames:
+                return [], []
+            for row in tqdm(reader, desc=f"reading {path.name}", unit=" rows", leave=False, mininterval=1.0):
+                if None in row:
+                    raise DataError(
+                        f"{path}, line {reader.line_num}: more values than the {len(reader.fieldnames)} "
+                        f"header fields {reader.fieldnames}."
+                    )
+                rows.append(row)
+                lines.append(reader.line_num)
+        except csv.Error as err:
+            raise DataError(f"{path}, line {reader.line_num}: not valid {fmt.upper()} ({err}).") from None
     return rows, lines
+
+
+def _not_utf8(value: Any) -> bool:
+    """Whether a value read with errors='surrogateescape' holds bytes that were not UTF-8 (they
+    become lone surrogates, which cannot be encoded back)."""
+    if not isinstance(value, str):
+        return isinstance(value, (dict, list)) and _not_utf8(json.dumps(value, ensure_ascii=False))
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _not_utf8_error(path: Path, line: int, what: str) -> DataError:
+    return DataError(
+        f"{path}, line {line}: {what} holds bytes that are not UTF-8 text; re-save the file as UTF-8 "
+        "(e.g. `iconv -f latin1 -t utf-8 FILE`)."
+    )
 
 
 def load_hub(name: str, cache_dir: str | None = None) -> dict[str, Split]:
@@ -390,9 +418,26 @@ def build_task(
                 f"{train.source}: field {fields.label!r} has a single class "
                 f"{task.label_names}; classification needs at least two."
             )
+        _check_glue_classes(train, fields.label, task, values, numeric)
     for split in labelled.values():
         _check_labels(split, fields.label, task)
     return task
+
+
+def _check_glue_classes(split: Split, label: str, task: Task, values: list[Any], numeric: bool) -> None:
+    """A GLUE task's data must not have more classes than the task defines."""
+    expected = GLUE_CLASSES.get(task.name or "")
+    if not expected or task.num_labels <= expected:
+        return
+    bad = next((r for r, v in enumerate(values) if numeric and int(v) >= expected), None)
+    if bad is not None:
+        where, what = split.where(bad), f"label {values[bad]!r}"
+    else:
+        where, what = split.source, f"labels {task.label_names}"
+    raise DataError(
+        f"{where}: {what} in {label!r} is outside the {expected} classes of GLUE {task.name}; fix "
+        "the file, or pass --task-name if this is not that GLUE task."
+    )
 
 
 def _label_names(split: Split, label: str, values: list[Any], numeric: bool) -> list[str]:
@@ -443,6 +488,12 @@ def _check_text(split: Split, fields: Fields, names: list[str]) -> None:
                 ok = isinstance(value, str)
             if not ok:
                 raise DataError(f"{split.where(row)}: field {name!r} is {value!r}, expected text.")
+            pair = (fields.source_lang, fields.target_lang)
+            texts = [value[lang] for lang in pair] if name == "translation" else [value]
+            if any(not text.strip() for text in texts):
+                raise DataError(
+                    f"{split.where(row)}: field {name!r} is empty; fill it in or remove the row."
+                )
 
 
 # --- tokenisation ------------------------------------------------------------------------------
