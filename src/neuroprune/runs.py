@@ -109,6 +109,10 @@ class TrainSettings:
         for name in ("prune_every_steps", "save_steps", "weight_decay", "warmup_ratio"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is out of range: it must be >= 0.")
+        if self.warmup_ratio >= 1:
+            raise ConfigError(
+                f"warmup_ratio={self.warmup_ratio!r} is a fraction of the steps: it must be < 1."
+            )
         if self.task is not None and self.task not in KINDS:
             raise ConfigError(f"task={self.task!r} is not one of {', '.join(KINDS)}.")
         self.neuroprune_config()
@@ -454,8 +458,15 @@ def train_run(s: TrainSettings, callbacks: list | None = None, quiet: bool = Fal
     elapsed = records[-1]["wall_clock_s"] if records else 0.0
     recorder = RunRecorder(run, records, elapsed)
     trainer = build_trainer(
-        model, tokenizer, task, args, encoded, pruner, s.prune_every_steps,
-        [recorder, ScheduleCallback(method), *(callbacks or [])], method=method,
+        model,
+        tokenizer,
+        task,
+        args,
+        encoded,
+        pruner,
+        s.prune_every_steps,
+        [recorder, ScheduleCallback(method), *(callbacks or [])],
+        method=method,
     )
     t0 = time.perf_counter()
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
@@ -465,8 +476,13 @@ def train_run(s: TrainSettings, callbacks: list | None = None, quiet: bool = Fal
     test = None
     if "test" in encoded and "labels" in encoded["test"].column_names:
         test = trainer.evaluate(encoded["test"], metric_key_prefix="test")
-    recorder.add({**final, **(test or {})}, trainer.state.epoch, trainer.state.global_step, final=True,
-                 **method.summary())
+    recorder.add(
+        {**final, **(test or {})},
+        trainer.state.epoch,
+        trainer.state.global_step,
+        final=True,
+        **method.summary(),
+    )
     report = pruner.sparsity_report()
     run.write("sparsity.json", {**report.to_dict(), **method.summary()})
     if is_main_process():
