@@ -185,3 +185,28 @@ def test_entry_point_exit_code_and_message():
     )
     assert proc.returncode == 2
     assert proc.stderr.strip() == "neuroprune train: error: epochs=-1.0 is out of range: epochs must be > 0."
+
+
+def test_without_validation_data_metrics_still_has_one_record_per_epoch(env, tmp_path):
+    out = tmp_path / "noval"
+    argv = [
+        "train",
+        "--model",
+        env["model"],
+        "--train-file",
+        env["train"],
+        "--output-dir",
+        str(out),
+        "--epochs",
+        "2",
+        "--max-train-samples",
+        "8",
+        "--batch-size",
+        "8",
+        "--report-to",
+        "none",
+    ]
+    assert main(argv) == 0
+    records = json.loads((out / "metrics.json").read_text())
+    assert [(r["step"], r.get("final", False)) for r in records] == [(1, False), (2, False), (2, True)]
+    assert all({"sparsity", "heads_kept", "penalty_mlp", "train_loss"} <= set(r) for r in records)

@@ -220,6 +220,7 @@ class RunRecorder(TrainerCallback):
         self.records = records
         self.start = time.perf_counter() - elapsed_before
         self.train_loss: float | None = None
+        self.values: Any = None  # the method's `log_values`, for records without an evaluation
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
@@ -227,6 +228,10 @@ class RunRecorder(TrainerCallback):
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         self.add(metrics or {}, state.epoch, state.global_step)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if args.eval_strategy == "no" and self.values is not None:  # no validation data: still one per epoch
+            self.add(self.values(), state.epoch, state.global_step)
 
     def add(self, metrics: dict[str, Any], epoch: float | None, step: int, **extra: Any) -> dict[str, Any]:
         record = {
@@ -468,6 +473,7 @@ def train_run(s: TrainSettings, callbacks: list | None = None, quiet: bool = Fal
         [recorder, ScheduleCallback(method), *(callbacks or [])],
         method=method,
     )
+    recorder.values = trainer.method.log_values
     t0 = time.perf_counter()
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     train_seconds = time.perf_counter() - t0 + elapsed
@@ -477,7 +483,7 @@ def train_run(s: TrainSettings, callbacks: list | None = None, quiet: bool = Fal
     if "test" in encoded and "labels" in encoded["test"].column_names:
         test = trainer.evaluate(encoded["test"], metric_key_prefix="test")
     recorder.add(
-        {**final, **(test or {})},
+        {**trainer.method.log_values(), **final, **(test or {})},
         trainer.state.epoch,
         trainer.state.global_step,
         final=True,
