@@ -239,3 +239,23 @@ def test_cli_compacts_a_run_directory(tmp_path, capsys):
     torch.testing.assert_close(main_output(loaded, x), expected, atol=ATOL, rtol=0)
     assert cli_main(["compact", str(tmp_path / "nowhere")]) == 2
     assert "neither a run directory" in capsys.readouterr().err
+
+
+def test_query_key_value_share_one_gather_and_release_it():
+    from torch.overrides import TorchFunctionMode
+
+    from neuroprune.compaction import SHARED_GATHER
+
+    class CountGathers(TorchFunctionMode):
+        calls = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is torch.Tensor.index_select:
+                CountGathers.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    pruner = neuroprune.compact(structured("bert"))
+    with torch.no_grad(), CountGathers():
+        pruner.model(**tiny_inputs("bert"))
+    assert CountGathers.calls == len(pruner.attention)
+    assert all(getattr(u.q, SHARED_GATHER).value is None for u in pruner.attention)

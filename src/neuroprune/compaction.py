@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 INPUT_INDEX = "neuroprune_input_index"  # non-persistent buffer: original input dims a projection reads
 OUTPUT_INDEX = "neuroprune_output_index"  # non-persistent buffer: original output dims it computes
 OUTPUT_FILL = "neuroprune_output_fill"  # persistent buffer: the constant value of every output dim
+SHARED_GATHER = "_neuroprune_shared_gather"  # attribute: a `SharedGather` of the block's projections
 
 
 @dataclass(frozen=True)
@@ -55,8 +56,8 @@ class CompactionRule:
     Dead neurons and dead heads are always removed: that costs nothing at run time.
     """
 
-    min_input_fraction: float = 0.1
-    min_row_fraction: float = 0.25
+    min_input_fraction: float = 0.25
+    min_row_fraction: float = 0.5
 
     def __post_init__(self) -> None:
         for name in ("min_input_fraction", "min_row_fraction"):
@@ -67,8 +68,33 @@ class CompactionRule:
 
 # --- surgery with a gathered input or a scattered output --------------------------------------
 
+class SharedGather:
+    """The gathered input of the q, k and v projections of one block, computed once: they are
+    called one after the other on the same tensor, so the second and third reuse the first's
+    gather. Released after the last use, so no activation outlives the block."""
+
+    def __init__(self, users: int) -> None:
+        self.users = users
+        self.source: torch.Tensor | None = None
+        self.value: torch.Tensor | None = None
+        self.left = 0
+
+    def __call__(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        if self.source is x and self.left > 0:
+            value, self.left = self.value, self.left - 1
+            if not self.left:
+                self.source = self.value = None
+            return value
+        value = x.index_select(-1, index)
+        self.source, self.value, self.left = (x, value, self.users - 1) if self.users > 1 else (None, None, 0)
+        return value
+
+
 def _gather_input(module: nn.Module, args: tuple) -> tuple:
-    return (args[0].index_select(-1, getattr(module, INPUT_INDEX)), *args[1:])
+    index = getattr(module, INPUT_INDEX)
+    shared = getattr(module, SHARED_GATHER, None)
+    gathered = shared(args[0], index) if shared is not None else args[0].index_select(-1, index)
+    return (gathered, *args[1:])
 
 
 def _scatter_output(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
@@ -90,14 +116,16 @@ def kept_outputs(module: nn.Module) -> list[int] | None:
     return None if index is None else index.tolist()
 
 
-def gather_inputs(module: nn.Module, keep: list[int]) -> None:
+def gather_inputs(module: nn.Module, keep: list[int], shared: SharedGather | None = None) -> None:
     """Keep only the (original) input dimensions `keep` of a projection; a forward pre-hook
-    selects them from the full-width input."""
+    selects them from the full-width input (once for all projections given the same `shared`)."""
     current = kept_inputs(module) or list(range(in_features(module)))
     positions = _positions(current, keep, f"input dimensions of {type(module).__name__}")
     device = module.weight.device
     select_inputs(module, torch.tensor(positions, dtype=torch.long))
     index = torch.tensor(keep, dtype=torch.long, device=device)
+    if shared is not None:
+        setattr(module, SHARED_GATHER, shared)
     if INPUT_INDEX in module._buffers:
         setattr(module, INPUT_INDEX, index)
     else:
@@ -198,6 +226,14 @@ def _projections(unit: AttentionUnit) -> list[nn.Module]:
     return [unit.qkv] if unit.qkv is not None else [unit.q, unit.k, unit.v]
 
 
+def gather_block_inputs(unit: AttentionUnit, keep: list[int]) -> None:
+    """Gather the input of a block's query / key / value projection(s) to the dimensions `keep`."""
+    projections = _projections(unit)
+    shared = SharedGather(len(projections))
+    for module in projections:
+        gather_inputs(module, keep, shared)
+
+
 # --- the whole model --------------------------------------------------------------------------
 
 @torch.no_grad()
@@ -214,8 +250,7 @@ def compact_attention(unit: AttentionUnit, rule: CompactionRule) -> None:
     if 1 - int(alive.sum()) / width >= rule.min_input_fraction and not bool(alive.all()):
         current = kept_inputs(_projections(unit)[0]) or list(range(width))
         keep = [current[p] for p in alive.nonzero().flatten().tolist()]
-        for module in _projections(unit):
-            gather_inputs(module, keep)
+        gather_block_inputs(unit, keep)
 
 
 @torch.no_grad()
@@ -303,8 +338,7 @@ def restore_compaction(pruner: NeuroPrune, structure: dict[str, Any]) -> None:
     for name, keep in structure.get("contract_rows", {}).items():
         drop_output_rows(mlps[name].down, keep)
     for name, keep in structure.get("attention_inputs", {}).items():
-        for module in _projections(attention[name]):
-            gather_inputs(module, keep)
+        gather_block_inputs(attention[name], keep)
 
 
 def _by_name(units: list, saved: dict[str, Any], what: str) -> dict[str, Any]:
