@@ -14,8 +14,9 @@ from .units import AttentionUnit, MLPUnit
 
 def similarity_graph(blocks: torch.Tensor, theta: float) -> torch.Tensor:
     """S[i, j] = 1 iff max |A_Hi - A_Hj| <= theta (l_inf distance of parameter blocks); S_ii = 1."""
-    n = blocks.shape[0]
-    dist = torch.stack([(blocks - blocks[i]).abs().amax(dim=1) for i in range(n)])
+    # = max |b_i - b_j| row by row, ~20x faster; cdist has no half-precision kernel on CPU
+    blocks = blocks.to(torch.promote_types(blocks.dtype, torch.float32))
+    dist = torch.cdist(blocks, blocks, p=float("inf"))
     sim = (dist <= theta).to(torch.int64)
     sim.fill_diagonal_(1)
     return sim
