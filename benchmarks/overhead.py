@@ -49,14 +49,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--length", type=int, default=128)
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps per condition first")
-    p.add_argument("--repeats", type=int, default=20, help="timed steps per condition")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per condition first")
+    p.add_argument("--repeats", type=int, default=10, help="timed steps per condition")
     p.add_argument("--alpha", type=float, default=1e-4)
     p.add_argument("--beta", type=float, default=1e-4)
     p.add_argument("--lr", type=float, default=2e-5)
     p.add_argument("--prune-repeats", type=int, default=5)
     p.add_argument("--thetas", type=float, nargs="+", default=[0.05, 0.15, 1.0],
                    help="head-pruning thetas to time (default theta 0.15 among them)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads (0: torch's default); 1 avoids oversubscription on a busy machine")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=RESULTS)
     return p.parse_args(argv)
@@ -277,6 +279,8 @@ def write_atomic(path: Path, text: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     transformers.logging.set_verbosity_error()
     result: dict[str, Any] = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]) if argv is None else str(argv),
