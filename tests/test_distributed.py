@@ -3,6 +3,9 @@ sparsity as one process over the same data, even when a rank's weights drift bef
 sharded training is refused with a reason."""
 
 import json
+import os
+import subprocess
+import sys
 import types
 
 import pytest
@@ -10,10 +13,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from accelerate.utils import DistributedType
+from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel
-from transformers import BertForSequenceClassification
+from transformers import AutoModel, BertForSequenceClassification
 
-from neuroprune import NeuroPrune, NeuroPruneConfig, remap_optimizer
+import textdata
+from neuroprune import NeuroPrune, NeuroPruneConfig, cli, remap_optimizer
 from neuroprune import distributed as npdist
 
 from tiny import duplicate_group, tiny_config
@@ -140,3 +145,50 @@ def test_a_deepspeed_engine_is_recognised_by_the_model_alone():
 def test_rewrap_refuses_a_bare_model():
     with pytest.raises(npdist.DistributedError, match="DistributedDataParallel"):
         npdist.rewrap_ddp(_model())
+
+
+def _planted_model_folder(path):
+    """A tiny BERT folder (with tokenizer) whose layers each hold one duplicated head; no dropout,
+    whose masks would come from different random streams in one and in two processes."""
+    folder = textdata.model_folder(path, "bert")
+    model = AutoModel.from_pretrained(folder, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    units = NeuroPrune(model).attention
+    duplicate_group(model, units[0], 0, 1)
+    duplicate_group(model, units[1], 2, 3)
+    model.save_pretrained(folder)
+    return folder
+
+
+def test_torchrun_training_ends_with_the_heads_and_sparsity_of_one_process(tmp_path):
+    """`neuroprune train` under torchrun (2 CPU processes, gloo, 4 rows each) against one process
+    (8 rows) over the same data: same global batches, same heads removed, same weights."""
+    model = _planted_model_folder(tmp_path / "model")
+    files = textdata.splits(tmp_path / "data", textdata.sentiment_rows, sizes=(16, 8))
+    flags = ["train", "--model", str(model), "--train-file", str(files["train"]), "--validation-file",
+             str(files["validation"]), "--epochs", "2", "--learning-rate", "1e-3", "--alpha", "1e-2",
+             "--beta", "1e-2", "--theta", "0.02", "--max-length", "16", "--logging-steps", "100",
+             "--report-to", "none", "--seed", "3"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert cli.main([*flags, "--batch-size", "8", "--output-dir", str(tmp_path / "one")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    proc = subprocess.run([*torchrun, "-m", "neuroprune.cli", *flags, "--batch-size", "4", "--output-dir",
+                           str(tmp_path / "two")], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    def outcome(run):
+        meta = json.loads((tmp_path / run / "model" / "neuroprune.json").read_text())
+        sparsity = json.loads((tmp_path / run / "sparsity.json").read_text())["sparsity"]
+        return meta["structure"]["heads"], sparsity, load_file(tmp_path / run / "model" / "model.safetensors")
+
+    heads, sparsity, weights = outcome("one")
+    assert heads == {"bert.encoder.layer.0.attention": [1, 2, 3], "bert.encoder.layer.1.attention": [0, 1, 3]}
+    heads2, sparsity2, weights2 = outcome("two")
+    assert heads2 == heads
+    assert sparsity2 == pytest.approx(sparsity, abs=1e-4)  # a weight within float noise of eps may flip
+    for key, value in weights.items():
+        torch.testing.assert_close(weights2[key], value, atol=1e-5, rtol=1e-4, msg=key)

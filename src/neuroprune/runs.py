@@ -367,6 +367,11 @@ def build_trainer(
     method: Any = None,
 ) -> Any:
     cls = NeuroPruneSeq2SeqTrainer if task.kind == "seq2seq" else NeuroPruneTrainer
+    if task.kind in ("classification", "regression"):
+        # These heads average their loss and ignore `num_items_in_batch`. Left to guess from the
+        # forward's **kwargs, the Trainer would multiply the loss by the number of processes
+        # (`average_tokens_across_devices`) and not divide it over gradient-accumulation steps.
+        model.accepts_loss_kwargs = False
     return cls(
         model=model,
         args=args,
