@@ -25,7 +25,7 @@ def make_run(root: Path, seed: int = 0, keep: float = 0.5, start_model: bool = T
     if start_model:
         model.save_pretrained(root / f"start{seed}")
         config = {"model": str(root / f"start{seed}")}
-    pruner = NeuroPrune(model, NeuroPruneConfig(theta=1e-6))
+    pruner = NeuroPrune(model, NeuroPruneConfig())
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for unit in pruner.mlps:
@@ -39,7 +39,7 @@ def make_run(root: Path, seed: int = 0, keep: float = 0.5, start_model: bool = T
         duplicate_group(model, pruner.attention[0], 0, 1)
         duplicate_group(model, pruner.attention[0], 0, 2)
         duplicate_group(model, pruner.attention[1], 3, 2)
-    removed = pruner.prune_redundant_heads()
+    removed = pruner.prune_redundant_heads(theta=1e-6)  # only exact copies
     assert removed, "the duplicated heads must be removed"
     pruner.finalize()
     report = pruner.sparsity_report()
@@ -80,6 +80,7 @@ def test_report_command_on_one_run(runs: tuple[Path, Path], tmp_path: Path, caps
     graph = run["similarity_graph"]
     assert graph["layer"] == "encoder.layer.0.attention"  # the block that lost most heads
     assert sorted(graph["dominating"]) == [2, 3] and graph["is_dominating_set"]
+    assert graph["theta"] == 1e-6  # the pass's own theta, from the history
     assert {tuple(e) for e in graph["edges"]} == {(0, 1), (0, 2), (1, 2)}
     assert len(run["head_importance"]["removed"]["values"]) == 3
     assert run["heavy_tail"]["pooled"]["testable"]

@@ -83,7 +83,8 @@ def test_graph_from_recorded_event_with_non_transitive_similarity() -> None:
         "absorbed_by": {"0": 1, "2": 1}, "removed_heads": [0, 2],
         "importance": {"0": 1.0, "1": 2.0, "2": 3.0, "3": 4.0},
     }
-    graph = graph_from_event(event)
+    graph = graph_from_event(event, theta=0.15)
+    assert graph.theta == 0.15  # this event predates recording theta: the config's is used
     assert graph.edges == [(0, 1), (1, 2)]
     assert graph.dominating == [1, 3] and graph.absorbed_by == {0: 1, 2: 1}
     assert graph.is_dominating_set

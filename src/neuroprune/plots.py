@@ -299,7 +299,7 @@ def heads_removed(removed: dict[str, list[int]], heads: dict[str, int], title: s
     return fig
 
 
-def similarity_graph(graph: HeadGraph, theta: float | None) -> Figure:
+def similarity_graph(graph: HeadGraph) -> Figure:
     """Nodes = heads (key/value groups); an edge joins heads within theta in l_inf. Blue nodes are
     the dominating set FIND_DOMINATING kept; red ones were merged into the head the arrow points to."""
     fig = new_figure(7.5, 7)
@@ -323,8 +323,7 @@ def similarity_graph(graph: HeadGraph, theta: float | None) -> Figure:
         fontsize=9, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=2, frameon=False,
     )
     ax.set_axis_off()
-    t = f"theta={theta:g}, " if theta is not None else ""
-    ax.set_title(f"Head-similarity graph of {graph.layer}\n{graph.source}; {t}"
+    ax.set_title(f"Head-similarity graph of {graph.layer}\n{graph.source}; theta={graph.theta:g}, "
                  f"{len(graph.edges)} edges", fontsize=10)
     return fig
 

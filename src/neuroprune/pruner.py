@@ -97,7 +97,7 @@ class NeuroPrune:
             event, changes = prune_unit(unit, theta, self.config.merge, self._layer_mlp[unit.name])
             if event is not None:
                 removed[unit.name] = event.removed_heads
-                self.history.append({"pass": self.passes, **dataclasses.asdict(event)})
+                self.history.append({"pass": self.passes, "theta": theta, **dataclasses.asdict(event)})
                 self.last_changes += changes
         self.passes += 1
         return removed

@@ -337,7 +337,7 @@ def _figures(runs: list[RunAnalysis]) -> list[tuple[str, str, str, str, Any]]:
                 f"to. Kept heads form a dominating set: {run.graph.is_dominating_set}. Choose the "
                 "block with --layer."),
                 f"{prefix}similarity_graph.png",
-                lambda run=run: plots.similarity_graph(run.graph, run.pruner.config.theta)))
+                lambda run=run: plots.similarity_graph(run.graph)))
         layers: dict[str, list[AttentionUnit]] = {m.name: [] for m in run.pruner.mlps}
         alone = []
         for unit in run.pruner.attention:

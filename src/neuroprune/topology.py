@@ -186,6 +186,7 @@ class HeadGraph:
 
     layer: str
     source: str
+    theta: float
     nodes: list[int]
     edges: list[tuple[int, int]]
     dominating: list[int]
@@ -214,6 +215,7 @@ class HeadGraph:
         return {
             "layer": self.layer,
             "source": self.source,
+            "theta": self.theta,
             "nodes": self.nodes,
             "edges": [list(e) for e in self.edges],
             "dominating": self.dominating,
@@ -223,13 +225,14 @@ class HeadGraph:
         }
 
 
-def _graph(layer: str, source: str, groups: list[int], sim: list[list[int]],
+def _graph(layer: str, source: str, theta: float, groups: list[int], sim: list[list[int]],
            absorbed_by: dict[int, int], importance: dict[int, float]) -> HeadGraph:
     n = len(groups)
     edges = [(groups[i], groups[j]) for i in range(n) for j in range(i + 1, n) if sim[i][j] or sim[j][i]]
     return HeadGraph(
         layer=layer,
         source=source,
+        theta=theta,
         nodes=list(groups),
         edges=edges,
         dominating=[g for g in groups if g not in absorbed_by],
@@ -238,11 +241,13 @@ def _graph(layer: str, source: str, groups: list[int], sim: list[list[int]],
     )
 
 
-def graph_from_event(event: dict[str, Any]) -> HeadGraph:
-    """The graph a recorded pruning pass saw (a `PruneEvent` as stored in `history`)."""
+def graph_from_event(event: dict[str, Any], theta: float) -> HeadGraph:
+    """The graph a recorded pruning pass saw (a `PruneEvent` as stored in `history`); `theta` is
+    used where the history does not record the pass's own."""
     return _graph(
         event["layer"],
         f"recorded pruning pass {event.get('pass', '?')}",
+        float(event.get("theta", theta)),
         [int(g) for g in event["groups"]],
         event["similarity"],
         {k: int(v) for k, v in _int_keys(event["absorbed_by"]).items()},
@@ -258,6 +263,7 @@ def graph_from_weights(unit: AttentionUnit, theta: float) -> HeadGraph:
     return _graph(
         unit.name,
         "final weights (what one more pruning pass would do)",
+        theta,
         groups,
         sim.tolist(),
         {groups[s]: groups[d] for s, d in survivors.items()},
@@ -270,7 +276,7 @@ def layer_graph(history: list[dict[str, Any]], unit: AttentionUnit, theta: float
     events = [e for e in history if e["layer"] == unit.name]
     if not events:
         return graph_from_weights(unit, theta)
-    return graph_from_event(max(events, key=lambda e: (len(e["absorbed_by"]), -e.get("pass", 0))))
+    return graph_from_event(max(events, key=lambda e: (len(e["absorbed_by"]), -e.get("pass", 0))), theta)
 
 
 def removed_heads(attention: list[AttentionUnit]) -> dict[str, list[int]]:
