@@ -46,6 +46,7 @@ def _train(rank: int, world: int, init_file: str, out: str) -> dict:
     """A plain DDP loop: NeuroPrune penalties, distributed head pruning after every epoch,
     wrapper rebuilt and AdamW state remapped afterwards, finalize at the end."""
     if world > 1:
+        torch.set_num_threads(1)  # two processes on a shared machine: no thread oversubscription
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     model = _model()
     pruner = NeuroPrune(model, NeuroPruneConfig(**CONFIG))

@@ -421,7 +421,7 @@ def start(s: TrainSettings) -> tuple[RunDir, Path | None, list[dict[str, Any]]]:
         else:
             step = int(checkpoint.name.split("-")[-1])
             records = [r for r in run.read("metrics.json", []) if r.get("step", 0) <= step]
-    elif run.has_run():
+    elif run.has_run() and is_main_process():  # other ranks may already see rank 0's new run_config.json
         if not s.overwrite:
             raise ConfigError(
                 f"{run.path} already holds a run; pass --resume to continue it, --overwrite to replace "
