@@ -11,6 +11,7 @@ import sys
 
 import pytest
 import torch
+from transformers import TrainerCallback
 
 import textdata
 from neuroprune import cli
@@ -24,6 +25,7 @@ from neuroprune.guards import (
     newest_good_checkpoint,
     write_manifest,
 )
+from neuroprune.runs import RunDir, TrainSettings, train_run
 
 
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
@@ -162,3 +164,39 @@ def test_sigkill_mid_epoch_then_resume_ends_like_an_uninterrupted_run(setup, tmp
     sparsity, heads = _outcome(tmp_path / "corrupted")
     assert heads == expected_heads
     assert sparsity["sparsity"] == pytest.approx(expected_sparsity["sparsity"], abs=1e-6)
+
+
+class _Poison(TrainerCallback):
+    """Writes a NaN into one weight after optimiser step `step`."""
+
+    def __init__(self, step: int, parameter: str, index: tuple[int, ...]) -> None:
+        self.step, self.parameter, self.index = step, parameter, index
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step == self.step:
+            with torch.no_grad():
+                model.get_parameter(self.parameter)[self.index] = math.nan
+
+
+def _run(setup, tmp_path, poison):
+    root, settings = setup
+    values = {**settings, "save_steps": 2, "output_dir": str(tmp_path / "run")}
+    with pytest.raises(NonFiniteError) as info:
+        train_run(TrainSettings(**values), callbacks=[poison], quiet=True)
+    return tmp_path / "run" / "checkpoints", str(info.value)
+
+
+def test_a_nan_loss_stops_the_run_naming_the_step_and_last_good_checkpoint(setup, tmp_path):
+    checkpoints, message = _run(setup, tmp_path, _Poison(3, "classifier.weight", (0, 0)))
+    assert f"loss is nan at step 4. The last good checkpoint is {checkpoints / 'checkpoint-2'}" in message
+
+
+def test_non_finite_weights_are_never_sealed_as_a_good_checkpoint(setup, tmp_path):
+    # an embedding row no input uses: the loss stays finite, the save catches it
+    embeddings = "bert.embeddings.word_embeddings.weight"
+    checkpoints, message = _run(setup, tmp_path, _Poison(3, embeddings, (98, 0)))
+    assert f"parameter {embeddings} holds NaN or infinite values at step 4" in message
+    assert str(checkpoints / "checkpoint-2") in message
+    assert checkpoint_problem(checkpoints / "checkpoint-2") is None
+    assert "never completed" in checkpoint_problem(checkpoints / "checkpoint-4")
+    assert RunDir(checkpoints.parent).latest_checkpoint() == checkpoints / "checkpoint-2"
