@@ -69,6 +69,8 @@ def test_heavy_tail_test_tells_power_law_from_exponential() -> None:
     assert exp.loglikelihood_ratio < 0 and exp.favoured == "exponential"
     for test in (heavy, light):
         assert all(0.0 <= c.p_value <= 1.0 for c in test.comparisons)
+    crowded = heavy_tail_test(385 - rng.geometric(0.3, 3000), bound=384)  # nearly dense neurons
+    assert not crowded.testable and "not finite" in crowded.reason
     spike = heavy_tail_test(np.full(500, 32))
     assert not spike.testable and "spike" in spike.reason
     assert not heavy_tail_test(np.arange(1, 20)).testable

@@ -225,13 +225,14 @@ def degree_ccdf(runs: dict[str, tuple[np.ndarray, HeavyTailTest]]) -> Figure:
     (dashed), exponential (dotted) and log-normal (dash-dot) tails, scaled to the data at xmin."""
     fig = new_figure(9, 5.5)
     ax = fig.subplots()
-    notes = []
+    notes, lowest = [], 1.0
     for (name, (counts, test)), color in zip(runs.items(), run_colors(len(runs))):
         data = counts[counts > 0]
         if data.size == 0:
             notes.append(f"{name}: no connected neurons")
             continue
         x, p = ccdf(data)
+        lowest = min(lowest, float(p[-1]))
         ax.loglog(x, p, ".", color=color, markersize=4, label=f"{name} (data)")
         if test.testable and test.fit is not None:
             grid = np.arange(int(test.xmin), int(data.max()) + 1)
@@ -240,6 +241,7 @@ def degree_ccdf(runs: dict[str, tuple[np.ndarray, HeavyTailTest]]) -> Figure:
                 ax.loglog(grid, getattr(test.fit, dist).ccdf(grid) * share, style, color=color,
                           linewidth=1.4)
         notes.append(f"{name}: {test.summary()}")
+    ax.set_ylim(lowest / 3, 1.5)  # fitted tails may fall far below the data: keep the data in view
     handles, labels = ax.get_legend_handles_labels()
     handles += [Line2D([], [], color="black", linestyle=s) for s in ("--", ":", "-.")]
     labels += ["power-law fit", "exponential fit", "log-normal fit"]

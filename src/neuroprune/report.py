@@ -379,7 +379,8 @@ table{border-collapse:collapse;margin:1em 0;font-size:.9em} th,td{border:1px sol
 padding:.3em .6em;text-align:left} th{background:#edf2f7} td.n{text-align:right}
 figure{margin:1.5em 0} figure img{max-width:100%;border:1px solid #e2e8f0}
 figcaption{font-size:.9em;color:#4a5568;margin-top:.4em} .note{color:#4a5568;font-size:.9em}
-code{background:#edf2f7;padding:0 .25em;border-radius:3px} summary{cursor:pointer;font-weight:600}
+.wide{overflow-x:auto} code{background:#edf2f7;padding:0 .25em;border-radius:3px}
+summary{cursor:pointer;font-weight:600}
 """
 
 
@@ -408,7 +409,10 @@ def _fmt(v: Any) -> str:
 
 
 def _summary(runs: list[RunAnalysis], stats: list[dict[str, Any]]) -> str:
-    metric_keys = sorted({k for s in stats for k in s["final_metrics"] if k.startswith("eval_")})
+    metric_keys = sorted({
+        k for s in stats for k in s["final_metrics"]
+        if k.startswith("eval_") and not k.endswith(("_runtime", "_per_second"))
+    })
     head = ["run", "model", "sparsity", "whole model", "heads kept", "alpha", "beta", "theta",
             "neuron degree sd (%)", "dead neurons", *metric_keys]
     rows = []
@@ -452,7 +456,7 @@ def _layer_table(run: RunAnalysis) -> str:
             layer.name, layer.kind, f"{layer.sparsity:.2%}",
             f"{layer.heads_kept}/{layer.heads_total}" if layer.heads_total else "",
             f"{deg.mean:.3f}" if deg else "", f"{deg.sd_percent:.2f}" if deg else "",
-            deg.dead if deg else "", _fmt(dense.get(layer.name)) if deg else "",
+            deg.dead if deg else "", f"{dense[layer.name]:.2f}" if deg and layer.name in dense else "",
         ])
     return _table(head, rows)
 
@@ -467,7 +471,7 @@ def render_html(runs: list[RunAnalysis], stats: list[dict[str, Any]], figures: l
         f"with |w| &ge; eps (eps = {_e(runs[0].pruner.config.eps)}). Sparsity = share of exact zeros "
         "in the regularised matrices of all blocks, against their dense shapes. Every number here "
         "is in <code>stats.json</code> beside this page; every figure is also a PNG file.</p>",
-        "<h2 id='summary'>Summary</h2>", _summary(runs, stats),
+        "<h2 id='summary'>Summary</h2>", f"<div class='wide'>{_summary(runs, stats)}</div>",
         "<p class='note'>", "<br>".join(f"{_e(r.name)}: {_e(r.dense.label)}" for r in runs), "</p>",
         "<h2 id='heavy-tail'>Is neuron connectivity heavy tailed?</h2>",
         "<p class='note'>Discrete power law fitted to the integer neuron degrees (connected inputs) "

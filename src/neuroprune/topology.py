@@ -161,6 +161,12 @@ def heavy_tail_test(counts: np.ndarray, bound: int | None = None, min_neurons: i
             for alt in ALTERNATIVES
         ]
     tail = int((data >= fit.xmin).sum())
+    if not all(math.isfinite(c.loglikelihood_ratio) and math.isfinite(c.p_value) for c in comparisons):
+        return HeavyTailTest(
+            data.size, False,
+            f"the likelihoods are not finite (power-law alpha={fit.power_law.alpha:.1f} above "
+            f"xmin={fit.xmin:g}): degrees crowd at the maximum (nearly fully connected neurons)",
+        )
     return HeavyTailTest(
         n=int(data.size),
         testable=True,
