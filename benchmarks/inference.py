@@ -142,8 +142,10 @@ def flops(model: torch.nn.Module, x: dict[str, torch.Tensor]) -> int:
 
 # --- measurements -------------------------------------------------------------------------------
 def interleaved(fns: dict[str, Any], budget_s: float, min_rounds: int, max_rounds: int,
-                rng: random.Random) -> dict[str, list[float]]:
-    """Round-robin timing, order shuffled each round, until the budget or max_rounds is spent."""
+                rng: random.Random, cpu: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
+    """Round-robin wall-clock timing, order shuffled each round, until the budget or max_rounds is
+    spent. With `cpu`, also the process CPU time of every call (what the threads really computed,
+    without the waits for a core that a loaded machine adds)."""
     times: dict[str, list[float]] = {k: [] for k in fns}
     for fn in fns.values():  # warm-up (first-call allocations, lazy initialisation)
         fn()
@@ -152,9 +154,11 @@ def interleaved(fns: dict[str, Any], budget_s: float, min_rounds: int, max_round
         if r >= min_rounds and time.perf_counter() - start > budget_s:
             break
         for key in rng.sample(list(fns), len(fns)):
-            t = time.perf_counter()
+            c, t = time.process_time(), time.perf_counter()
             fns[key]()
             times[key].append(time.perf_counter() - t)
+            if cpu is not None:
+                cpu.setdefault(key, []).append(time.process_time() - c)
     return times
 
 
@@ -210,17 +214,19 @@ def bench_model(name: str, args: argparse.Namespace, rng: random.Random) -> list
         print(f"  {name} {key}: sparsity {info['sparsity']:.3f}, compaction error {info['max_abs_diff']:.1e}",
               flush=True)
     rows = []
+    one = inputs(1, args.length, dense.config.vocab_size)
     for batch in args.batches:
         x = inputs(batch, args.length, dense.config.vocab_size)
-        fl = {k: flops(m, x) for k, m in variants.items()}
+        fl = {k: flops(m, one) * batch for k, m in variants.items()}  # FLOPs are linear in batch
 
         def runner(m: torch.nn.Module, x: dict[str, torch.Tensor] = x) -> Any:
             with torch.inference_mode():
                 return m(**x)
 
         load_before = load()
+        cpu: dict[str, list[float]] = {}
         times = interleaved({k: (lambda m=m: runner(m)) for k, m in variants.items()},
-                            args.budget_s, args.min_rounds, args.max_rounds, rng)
+                            args.budget_s, args.min_rounds, args.max_rounds, rng, cpu)
         load_after = load()
         memory = {k: peak_forward_bytes(m, x) for k, m in variants.items()}
         base = statistics.median(times["dense"])
@@ -230,6 +236,8 @@ def bench_model(name: str, args: argparse.Namespace, rng: random.Random) -> list
                 "model": name, "batch": batch, "length": args.length, "variant": key,
                 "flops": fl[key], "flop_ratio": fl["dense"] / fl[key],
                 "latency": summary(times[key]), "speedup": base / t,
+                "cpu_time": summary(cpu[key]),
+                "cpu_speedup": statistics.median(cpu["dense"]) / statistics.median(cpu[key]),
                 "param_bytes": param_bytes(variants[key]), "peak_forward_bytes": memory[key],
                 "load_before": load_before, "load_after": load_after,
                 **({"structure": structure[key]} if key in structure else {}),
@@ -246,7 +254,7 @@ def rule_measurements(args: argparse.Namespace, rng: random.Random) -> list[dict
     """Gathered q/k/v input and dropped contract rows versus the dense matmuls they replace."""
     from torch import nn
 
-    from neuroprune.compaction import drop_output_rows, gather_inputs
+    from neuroprune.compaction import SharedGather, drop_output_rows, gather_inputs
 
     out = []
     for d, tokens in ((384, 128), (384, 4096), (768, 128), (768, 4096)):
@@ -259,8 +267,9 @@ def rule_measurements(args: argparse.Namespace, rng: random.Random) -> list[dict
         for frac in (0.05, 0.1, 0.25, 0.5):
             keep = sorted(torch.randperm(d, generator=g)[: round(d * (1 - frac))].tolist())
             gathered = copy.deepcopy(qkv)
+            shared = SharedGather(len(gathered))  # as compaction does: one gather for q, k and v
             for m in gathered:
-                gather_inputs(m, keep)
+                gather_inputs(m, keep, shared)
             rows = copy.deepcopy(down)
             with torch.no_grad():
                 rows.weight[[i for i in range(d) if i not in set(keep)]] = 0.0
@@ -294,14 +303,15 @@ def markdown(result: dict[str, Any]) -> str:
         f"{result['load_start']['loadavg']}, end {result['load_end']['loadavg']}.", "",
         f"Settings: {json.dumps(result['settings'])}", "",
         "Dense and compacted models were timed interleaved in one process; speed-ups are ratios of "
-        "medians from the same rounds. MPNet-base is random-init (shapes only). Peak forward memory = "
-        "rise of peak RSS during one forward pass.", "",
+        "medians from the same rounds (wall clock; CPU-time speed-up: the same from process CPU "
+        "time). MPNet-base is random-init (shapes only). Peak forward memory = rise of peak RSS "
+        "during one forward pass.", "",
     ]
     if result.get("models"):
         lines += [
             "| model | batch | sparsity | heads removed/layer | dead input dims | FLOP ratio | median ms "
-            "(IQR) | speed-up | speed-up / FLOP ratio | param MB | peak fwd MB |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "(IQR) | speed-up | speed-up / FLOP ratio | CPU-time speed-up | param MB | peak fwd MB |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in result["models"]:
             st = r.get("structure", {})
@@ -312,7 +322,8 @@ def markdown(result: dict[str, Any]) -> str:
                 f"{st.get('heads_removed_per_layer', 0)} | {st.get('input_dims_dead_fraction', 0):.0%} | "
                 f"{r['flop_ratio']:.2f}x | {lat['median_s'] * 1e3:.1f} ({lat['q1_s'] * 1e3:.1f}-"
                 f"{lat['q3_s'] * 1e3:.1f}, n={lat['n']}) | {r['speedup']:.2f}x | "
-                f"{r['speedup_over_flop_ratio']:.2f} | {r['param_bytes'] / 2**20:.1f} | "
+                f"{r['speedup_over_flop_ratio']:.2f} | {r.get('cpu_speedup', float('nan')):.2f}x | "
+                f"{r['param_bytes'] / 2**20:.1f} | "
                 f"{'' if mem is None else f'{mem / 2**20:.1f}'} |"
             )
         lines += ["", "Targets: " + "; ".join(result["targets"]), ""]
