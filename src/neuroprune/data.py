@@ -393,7 +393,8 @@ def build_task(
     values = [_number(v) for v in train.dataset[fields.label]]
     for row, value in enumerate(values):
         if value is None or value == "" or (isinstance(value, float) and not math.isfinite(value)):
-            raise DataError(f"{train.where(row)}: field {fields.label!r} is empty; every row needs a label.")
+            what = "empty" if value is None or value == "" else f"{value!r}, not a finite number"
+            raise DataError(f"{train.where(row)}: field {fields.label!r} is {what}; every row needs a label.")
     numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
     fractional = numeric and any(isinstance(v, float) and not float(v).is_integer() for v in values)
     kind = kind or ("regression" if fractional else "classification")
