@@ -3,7 +3,8 @@ NeuroPrune, through the same `neuroprune train` pipeline users run (`neuroprune.
 
 Each (task, method) is one run directory under --runs; finished runs are recorded in
 benchmarks/results/glue_minilm.json as they complete and skipped when the script is run again,
-so it can be run in slices. Test sets are the labelled test files (RTE 1,384 rows; MRPC 1,725).
+so it can be run in slices. Test sets are the labelled test files (RTE 1,384 rows; MRPC 1,725),
+or their first --max-eval-samples rows.
 
 Usage::
 
@@ -54,6 +55,7 @@ def settings(args: argparse.Namespace, task: str, method: str) -> TrainSettings:
         test_file=str(folder / "test.jsonl"),
         max_length=args.max_length,
         max_train_samples=args.max_train_samples,
+        max_eval_samples=args.max_eval_samples,
         epochs=args.epochs,
         batch_size=args.batch_size,
         learning_rate=args.learning_rate,
@@ -118,6 +120,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=float, default=3)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--max-train-samples", type=int, default=None)
+    parser.add_argument("--max-eval-samples", type=int, default=None, help="first N validation / test rows")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--learning-rate", type=float, default=1e-4)
     parser.add_argument("--alpha", type=float, default=1e-3)
@@ -131,6 +134,7 @@ def main() -> None:
         "epochs",
         "max_length",
         "max_train_samples",
+        "max_eval_samples",
         "batch_size",
         "learning_rate",
         "alpha",
