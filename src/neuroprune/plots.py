@@ -187,8 +187,10 @@ def sd_per_layer(runs: dict[str, dict[str, float]], dense: dict[str, float] | No
         (name, sd, c) for (name, sd), c in zip(runs.items(), run_colors(len(runs)))
     ]
     for i, (name, sd, color) in enumerate(series):
-        ax.bar(x + i * width - 0.4 + width / 2, [sd.get(layer, np.nan) for layer in layers],
-               width=width, color=color, label=name)
+        bars = ax.bar(x + i * width - 0.4 + width / 2, [sd.get(layer, np.nan) for layer in layers],
+                      width=width, color=color, label=name)
+        if len(layers) * len(series) <= 48:  # small values stay readable next to large ones
+            ax.bar_label(bars, fmt="%.2f", fontsize=7, padding=1)
     ax.set_xticks(x, labels, rotation=30 if max(map(len, labels), default=0) > 4 else 0, ha="right"
                   if max(map(len, labels), default=0) > 4 else "center")
     ax.set_xlabel("MLP layer")
@@ -289,6 +291,7 @@ def heads_removed(removed: dict[str, list[int]], heads: dict[str, int], title: s
     ax_layer.set_xlabel("heads removed")
     ax_layer.set_ylabel("attention block")
     ax_layer.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax_layer.set_xlim(0, max(1, *counts) * 1.05)
     ax_layer.set_title(f"per block (total {sum(counts)} of {sum(heads.values())})", fontsize=10)
     per_index = [sum(i in removed[n] for n in names) for i in range(width)]
     ax_index.bar(range(width), per_index, color=REMOVED)
@@ -296,6 +299,7 @@ def heads_removed(removed: dict[str, list[int]], heads: dict[str, int], title: s
     ax_index.set_xlabel("head index")
     ax_index.set_ylabel("blocks that removed it")
     ax_index.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax_index.set_ylim(0, max(1, *per_index) * 1.05)
     ax_index.set_title("per head index", fontsize=10)
     fig.suptitle(f"Heads removed: {title}", fontsize=12)
     return fig
@@ -333,12 +337,12 @@ def similarity_graph(graph: HeadGraph) -> Figure:
 def head_importance(runs: dict[str, HeadImportance]) -> Figure:
     """Summed |W_O| of removed heads (just before removal) vs heads kept in the same pass and in the
     final model (paper Fig. 7 left): redundancy, not low importance, decides removal."""
-    fig = new_figure(max(6.5, 3.6 * len(runs)), 4.8)
+    fig = new_figure(max(6.5, 4.2 * len(runs)), 4.8)
     axes = fig.subplots(1, max(1, len(runs)), squeeze=False)[0]
     rng = np.random.default_rng(0)
     for ax, (name, imp) in zip(axes, runs.items()):
-        groups = [("removed", imp.removed, REMOVED), ("kept, same pass", imp.kept_same_pass, KEPT),
-                  ("kept, final model", imp.kept_final, "#63b3ed")]
+        groups = [("removed", imp.removed, REMOVED), ("kept\nsame pass", imp.kept_same_pass, KEPT),
+                  ("kept\nfinal model", imp.kept_final, "#63b3ed")]
         present = [(label, v, c) for label, v, c in groups if v]
         if present:
             ax.boxplot([v for _, v, _ in present], widths=0.5, showfliers=False)

@@ -376,7 +376,7 @@ body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;mar
 max-width:1250px;padding:0 1em;color:#1a202c;line-height:1.45}
 h1{margin-bottom:.2em} h2{border-bottom:2px solid #e2e8f0;padding-bottom:.2em;margin-top:2em}
 table{border-collapse:collapse;margin:1em 0;font-size:.9em} th,td{border:1px solid #cbd5e0;
-padding:.3em .6em;text-align:left} th{background:#edf2f7} td.n{text-align:right}
+padding:.3em .6em;text-align:left} th{background:#edf2f7} td.n{text-align:right;white-space:nowrap}
 figure{margin:1.5em 0} figure img{max-width:100%;border:1px solid #e2e8f0}
 figcaption{font-size:.9em;color:#4a5568;margin-top:.4em} .note{color:#4a5568;font-size:.9em}
 .wide{overflow-x:auto} code{background:#edf2f7;padding:0 .25em;border-radius:3px}
@@ -428,20 +428,21 @@ def _summary(runs: list[RunAnalysis], stats: list[dict[str, Any]]) -> str:
     return _table(head, rows)
 
 
-def _heavy_tail_table(runs: list[RunAnalysis]) -> str:
+def _heavy_tail_table(runs: list[RunAnalysis], per_layer: bool) -> str:
     head = ["run", "layer", "neurons", "alpha", "xmin", "tail n", "R vs exponential", "p",
             "favoured", "R vs log-normal", "p", "favoured"]
     rows = []
     for run in runs:
-        for layer, test in [("all MLP neurons", run.heavy_tail), *run.heavy_tail_layers.items()]:
+        tests = list(run.heavy_tail_layers.items()) if per_layer else [("all MLP neurons", run.heavy_tail)]
+        for layer, test in tests:
+            fitted = [f"{test.alpha:.2f}", f"{test.xmin:g}", test.n_tail] if test.alpha else ["", "", ""]
             if not test.testable:
-                rows.append([run.name, layer, test.n, "", "", "", f"not testable: {test.reason}",
-                             "", "", "", "", ""])
+                rows.append([run.name, layer, test.n, *fitted, f"not testable: {test.reason}", *[""] * 5])
                 continue
             cells = []
             for c in test.comparisons:
                 cells += [f"{c.loglikelihood_ratio:.2f}", f"{c.p_value:.3g}", c.favoured]
-            rows.append([run.name, layer, test.n, f"{test.alpha:.2f}", f"{test.xmin:g}", test.n_tail, *cells])
+            rows.append([run.name, layer, test.n, *fitted, *cells])
     return _table(head, rows)
 
 
@@ -480,7 +481,8 @@ def render_html(runs: list[RunAnalysis], stats: list[dict[str, Any]], figures: l
         "(Clauset, Shalizi &amp; Newman 2009, via the <code>powerlaw</code> package). R &gt; 0 "
         "favours the power law; a side is called only when p &lt; 0.1. Degrees are bounded by the "
         "row length, so a tail can be heavy without being a pure power law.</p>",
-        _heavy_tail_table(runs),
+        _heavy_tail_table(runs, per_layer=False),
+        "<details><summary>per layer</summary>", _heavy_tail_table(runs, per_layer=True), "</details>",
     ]
     section = None
     for fig in figures:
@@ -490,7 +492,8 @@ def render_html(runs: list[RunAnalysis], stats: list[dict[str, Any]], figures: l
             section = fig.section
             parts.append(f"<h2 id='{_slug(section)}'>{_e(section)}</h2>")
             if section.startswith("Sparsity patterns"):
-                parts.append("<details open><summary>one figure per layer</summary>")
+                state = " open" if len(runs) == 1 else ""  # several runs: a long page, folded
+                parts.append(f"<details{state}><summary>one figure per layer (click)</summary>")
         data = base64.b64encode(fig.png).decode("ascii")
         parts.append(
             f"<figure><img alt='{_e(fig.title)}' src='data:image/png;base64,{data}'>"

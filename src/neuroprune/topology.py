@@ -150,7 +150,7 @@ def heavy_tail_test(counts: np.ndarray, bound: int | None = None, min_neurons: i
         return HeavyTailTest(data.size, False, f"only {data.size} connected neurons (need {min_neurons})")
     if distinct < min_distinct:
         return HeavyTailTest(
-            data.size, False, f"only {distinct} distinct degree value(s): the distribution is a spike"
+            data.size, False, f"a spike: only {distinct} distinct degree value(s)"
         )
     with warnings.catch_warnings(), np.errstate(all="ignore"):
         warnings.simplefilter("ignore")
@@ -163,9 +163,8 @@ def heavy_tail_test(counts: np.ndarray, bound: int | None = None, min_neurons: i
     tail = int((data >= fit.xmin).sum())
     if not all(math.isfinite(c.loglikelihood_ratio) and math.isfinite(c.p_value) for c in comparisons):
         return HeavyTailTest(
-            data.size, False,
-            f"the likelihoods are not finite (power-law alpha={fit.power_law.alpha:.1f} above "
-            f"xmin={fit.xmin:g}): degrees crowd at the maximum (nearly fully connected neurons)",
+            data.size, False, "nearly fully connected: degrees crowd at the maximum, likelihoods not finite",
+            alpha=float(fit.power_law.alpha), xmin=float(fit.xmin), n_tail=tail,
         )
     return HeavyTailTest(
         n=int(data.size),
