@@ -123,6 +123,11 @@ def pick_layer(attention: list[AttentionUnit], name: str | None,
     )
 
 
+def model_name(run_config: dict[str, Any]) -> str | None:
+    """The starting model a run names (`--model` of `neuroprune train`), if any."""
+    return next((str(run_config[k]) for k in MODEL_KEYS if run_config.get(k)), None)
+
+
 def _starting_model_path(name: str) -> str:
     """The folder or hub id `neuroprune train` loaded for `--model name` (aliases such as `minilm`
     name packaged models)."""
@@ -135,7 +140,7 @@ def dense_reference(run_config: dict[str, Any], config: NeuroPruneConfig, mlp_na
                     cache: dict[str, DenseReference]) -> DenseReference:
     """Neuron degrees of the starting model named in run_config.json, matched to the run's MLP
     blocks by name suffix (the run may wrap the base model, e.g. `bert.encoder...`)."""
-    name = next((str(run_config[k]) for k in MODEL_KEYS if run_config.get(k)), None)
+    name = model_name(run_config)
     if name is None:
         return DenseReference("dense reference: ideal spike at 1.0 (run_config.json names no model)", None)
     if name in cache:
@@ -148,7 +153,7 @@ def dense_reference(run_config: dict[str, Any], config: NeuroPruneConfig, mlp_na
     try:
         model = AutoModel.from_pretrained(_starting_model_path(name), local_files_only=True)
         start = NeuroPrune(model, dataclasses.replace(config, prune_heads=False))
-    except (OSError, ValueError, NeuroPruneError) as err:
+    except (OSError, ValueError, KeyError, NeuroPruneError) as err:
         reason = ("it is not a folder, a model package or in the local Hugging Face cache"
                   if isinstance(err, OSError) else str(err).splitlines()[0][:160])
         ref = DenseReference(f"dense reference: ideal spike at 1.0 (starting model {name!r} not "
@@ -157,7 +162,8 @@ def dense_reference(run_config: dict[str, Any], config: NeuroPruneConfig, mlp_na
         by_name = {layer.name: layer for layer in mlp_degrees(start.mlps, config.eps)}
         matched = []
         for run_name in mlp_names:
-            hit = [d for n, d in by_name.items() if run_name.endswith(n) or n.endswith(run_name)]
+            hit = [d for n, d in by_name.items()
+                   if n == run_name or run_name.endswith(f".{n}") or n.endswith(f".{run_name}")]
             if len(hit) == 1:
                 matched.append(dataclasses.replace(hit[0], name=run_name))
         ref = (DenseReference(f"dense reference: starting model {name}", matched) if matched else
@@ -225,8 +231,7 @@ def run_stats(run: RunAnalysis) -> dict[str, Any]:
     return {
         "name": run.name,
         "path": str(run.path),
-        "model": next((run_config_value for k in MODEL_KEYS if (run_config_value := run.run_config.get(k))),
-                      None),
+        "model": model_name(run.run_config),
         "neuroprune_config": run.pruner.config.to_dict(),
         "final_metrics": final,
         "sparsity": run.sparsity.to_dict(),
