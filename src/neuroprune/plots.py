@@ -177,7 +177,7 @@ def degree_histogram(runs: dict[str, np.ndarray], dense: np.ndarray | None, dens
 
 def sd_per_layer(runs: dict[str, dict[str, float]], dense: dict[str, float] | None) -> Figure:
     """sd of neuron connectivity in percent per MLP layer, one bar per run (paper Fig. 1 numbers)."""
-    layers = list(next(iter(runs.values())).keys()) if runs else []
+    layers = list(dict.fromkeys(name for sd in runs.values() for name in sd))  # union, in order
     labels = short_names(layers)
     fig = new_figure(max(7.0, 0.6 * len(layers) * max(1, len(runs)) + 3), 4.5)
     ax = fig.subplots()
