@@ -193,3 +193,19 @@ def test_torchrun_training_ends_with_the_heads_and_sparsity_of_one_process(tmp_p
     assert sparsity2 == pytest.approx(sparsity, abs=1e-4)  # a weight within float noise of eps may flip
     for key, value in weights.items():
         torch.testing.assert_close(weights2[key], value, atol=1e-5, rtol=1e-4, msg=key)
+
+
+def test_real_fsdp_wrapped_models_are_refused(tmp_path):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        legacy = FullyShardedDataParallel(_model(), device_id=torch.device("cpu"))
+        composable = _model()
+        fully_shard(composable, mesh=init_device_mesh("cpu", (1,)))
+        for wrapped in (legacy, composable):
+            with pytest.raises(npdist.DistributedError, match="cannot train under FSDP"):
+                npdist.refuse_sharded(wrapped)
+    finally:
+        dist.destroy_process_group()
