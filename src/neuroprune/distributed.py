@@ -58,11 +58,6 @@ def is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside a `DistributedDataParallel` wrapper (or the model itself)."""
-    return model.module if isinstance(model, DistributedDataParallel) else model
-
-
 def refuse_sharded(model: nn.Module | None = None, accelerator: Any = None) -> None:
     """Raise `DistributedError` if the model or the accelerate setup shards parameters."""
     what = None
