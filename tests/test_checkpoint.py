@@ -24,7 +24,7 @@ def _pruned(family, tmp_path):
     return model, pruner, path
 
 
-@pytest.mark.parametrize("family", ["bert", "t5", "llama", "gpt2"])
+@pytest.mark.parametrize("family", ["bert", "t5", "llama", "gpt2", "gpt_neox"])
 def test_round_trip_keeps_structure_history_and_outputs(family, tmp_path):
     model, pruner, path = _pruned(family, tmp_path)
     loaded = NeuroPrune.from_pretrained(path, attn_implementation="eager")

@@ -56,7 +56,9 @@ def save_pretrained(pruner: NeuroPrune, directory: str | Path, tokenizer: Any = 
     target = Path(directory)
     tmp = atomic_dir(target)
     try:
-        pruner.model.save_pretrained(tmp, safe_serialization=True)
+        # keys as the modules name them (no legacy renaming such as GPT-NeoX lm_head -> embed_out),
+        # so that `load_into` can match them one to one
+        pruner.model.save_pretrained(tmp, save_original_format=False)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         meta = {
