@@ -57,7 +57,7 @@ class CompactionRule:
     """
 
     min_input_fraction: float = 0.25
-    min_row_fraction: float = 0.5
+    min_row_fraction: float = 0.25
 
     def __post_init__(self) -> None:
         for name in ("min_input_fraction", "min_row_fraction"):
