@@ -46,12 +46,12 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SPARSITIES = (25, 50, 70, 80, 90, 95)
 # task: (text fields, main metric, train subset, epochs). Small tasks get more epochs (method.md 3).
 TASKS: dict[str, dict[str, Any]] = {
-    "sst2": {"fields": ("sentence",), "metric": "accuracy", "train": 2000, "epochs": 1},
+    "sst2": {"fields": ("sentence",), "metric": "accuracy", "train": 1000, "epochs": 1},
     "mrpc": {"fields": ("sentence1", "sentence2"), "metric": "f1", "train": 1500, "epochs": 2},
     "rte": {"fields": ("sentence1", "sentence2"), "metric": "accuracy", "train": 1244, "epochs": 2},
     "cola": {"fields": ("sentence",), "metric": "mcc", "train": 2000, "epochs": 2},
 }
-PRIORITY = [("sst2", "dense", None)] + [("sst2", m, s) for s in (50, 90) for m in ("neuroprune", "l1", "gmp")]
+PRIORITY = [("sst2", "dense", None)] + [("sst2", m, s) for s in (90, 50) for m in ("neuroprune", "gmp", "l1")]
 DECODER_CELLS = [("sst2", "dense", None)] + [("sst2", m, s) for s in (50, 90) for m in ("neuroprune", "l1")]
 
 
@@ -69,7 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--test-samples", type=int, default=872,
                    help="cap the test set (default 872: all of SST-2's, the first 872 of the others)")
     p.add_argument("--epochs", type=int, help="override the task's epochs")
-    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--batch", type=int, default=16)
     p.add_argument("--max-length", type=int, default=48)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--alpha", type=float, default=1.0,
@@ -79,7 +79,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "so beta ~ 10 alpha shrinks attention about as fast as MLP")
     p.add_argument("--theta", type=float, default=0.15)
     p.add_argument("--prune-every", type=int, default=20, help="head-pruning pass every N steps")
-    p.add_argument("--latency-runs", type=int, default=5)
+    p.add_argument("--latency-runs", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=RESULTS)
@@ -262,6 +262,7 @@ def run_cell(task: str, method_name: str, sparsity: int | None, args: argparse.N
         "params_before": dense_params, "params_compacted": sum(p.numel() for p in pruner.model.parameters()),
         "latency": latency(pruner.model, task, test, tok, args.latency_runs),
         "summary": method.summary(), "per_epoch": per_epoch, "load": load(),
+        "controller": controller.history[::5] if (controller := getattr(method, "controller", None)) else None,
         "settings": {k: v for k, v in vars(args).items() if k in (
             "batch", "max_length", "lr", "alpha", "beta", "theta", "prune_every", "seed")},
     }
@@ -306,7 +307,47 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {c['latency']['per_example_ms']:.2f} | {c['params_compacted'] / 1e6:.2f} "
             f"| {c['load']['loadavg'][0]} |"
         )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + goals(result["cells"])) + "\n"
+
+
+def goals(cells: list[dict[str, Any]]) -> list[str]:
+    """The issue's quality goals, checked on whatever cells exist (said so when a cell is missing)."""
+    lines = ["", "## Goals", ""]
+    by = {(c["model"], c["task"], c["method"], c["target_sparsity"]): c for c in cells}
+    for model, task in sorted({(c["model"], c["task"]) for c in cells}):
+        dense = by.get((model, task, "dense", None))
+        for level, margin in ((50, 1.5), (90, 5.0)):
+            np_cell = by.get((model, task, "neuroprune", level))
+            if dense and np_cell:
+                gap = dense["metric"] - np_cell["metric"]
+                verdict = "met" if gap <= margin else "NOT met"
+                lines.append(f"- {model} {task}: NeuroPrune at {level}% is {gap:+.2f} points below dense "
+                             f"(goal <= {margin}): {verdict}")
+            else:
+                lines.append(f"- {model} {task}: NeuroPrune {level}% vs dense: cell missing")
+        for level in (70, 80, 90, 95):
+            np_cell = by.get((model, task, "neuroprune", level))
+            if np_cell is None:
+                continue
+            for other in ("l1", "gmp"):
+                cell = by.get((model, task, other, level))
+                if cell is None:
+                    lines.append(f"- {model} {task} {level}%: {other} cell missing")
+                    continue
+                verdict = "better" if np_cell["metric"] > cell["metric"] else "NOT better"
+                mine, theirs = np_cell["train_wall_clock_s"], cell["train_wall_clock_s"]
+                lines.append(
+                    f"- {model} {task} {level}%: NeuroPrune {np_cell['metric']:.2f} vs {other} "
+                    f"{cell['metric']:.2f}: {verdict} (train {mine:.0f} s vs {theirs:.0f} s, "
+                    f"{np_cell['epochs']} vs {cell['epochs']} epochs)"
+                )
+    off = [c for c in cells if c["target_sparsity"] is not None
+           and abs(c["achieved_sparsity"] - c["target_sparsity"]) > 2]
+    lines.append("")
+    lines.append("Cells whose achieved sparsity is more than 2 points from the target: "
+                 + (", ".join(f"{c['model']} {c['task']} {c['method']} {c['target_sparsity']}% -> "
+                              f"{c['achieved_sparsity']:.1f}%" for c in off) or "none") + ".")
+    return lines
 
 
 def plots(cells: list[dict[str, Any]], out: Path) -> None:
@@ -336,7 +377,7 @@ def plots(cells: list[dict[str, Any]], out: Path) -> None:
         axes[0].set_title(f"{model} / {task}: {mine[0]['metric_name']}")
         axes[0].legend()
         fig.tight_layout()
-        fig.savefig(out / f"{model.split('-')[0].lower()}_{task}.png", dpi=100)
+        fig.savefig(out / f"{'smollm2' if 'Smol' in model else 'minilm'}_{task}.png", dpi=100)
         plt.close(fig)
 
 
