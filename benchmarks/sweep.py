@@ -262,7 +262,8 @@ def run_cell(task: str, method_name: str, sparsity: int | None, args: argparse.N
         "params_before": dense_params, "params_compacted": sum(p.numel() for p in pruner.model.parameters()),
         "latency": latency(pruner.model, task, test, tok, args.latency_runs),
         "summary": method.summary(), "per_epoch": per_epoch, "load": load(),
-        "controller": controller.history[::5] if (controller := getattr(method, "controller", None)) else None,
+        "controller": controller.history[::5] if (controller := getattr(method, "controller", None))
+        else None,
         "settings": {k: v for k, v in vars(args).items() if k in (
             "batch", "max_length", "lr", "alpha", "beta", "theta", "prune_every", "seed")},
     }
