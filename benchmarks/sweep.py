@@ -52,6 +52,7 @@ TASKS: dict[str, dict[str, Any]] = {
     "cola": {"fields": ("sentence",), "metric": "mcc", "train": 2000, "epochs": 2},
 }
 PRIORITY = [("sst2", "dense", None)] + [("sst2", m, s) for s in (90, 50) for m in ("neuroprune", "gmp", "l1")]
+DECODER_TRAIN = 400  # SmolLM2-135M is ~6x MiniLM's compute: a smaller SST-2 subset
 DECODER_CELLS = [("sst2", "dense", None)] + [("sst2", m, s) for s in (50, 90) for m in ("neuroprune", "l1")]
 
 
@@ -97,7 +98,7 @@ def task_data(task: str, args: argparse.Namespace) -> tuple[list[dict], list[dic
     spec = TASKS[task]
     train = read_jsonl(DATA / task / "train.jsonl")
     random.Random(args.seed).shuffle(train)
-    train = train[: args.train_samples or spec["train"]]
+    train = train[: args.train_samples or (DECODER_TRAIN if args.decoder else spec["train"])]
     test = read_jsonl(DATA / task / "test.jsonl")[: args.test_samples]
     return train, test
 
