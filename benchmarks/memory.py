@@ -13,6 +13,8 @@ seeded random token ids (memory depends on shapes, not on the text):
 - ``dense``: plain fine-tuning, ``--steps`` steps;
 - ``neuroprune``: the same steps with ``regularization_loss()`` in the loss, a head-pruning pass
   (plus optimiser remap) after each half of the steps, ``finalize()`` and the sparsity report;
+- ``neuroprune_heads``: the same at ``--heads-theta`` (default 0.5), where the passes really remove
+  heads (pretrained MiniLM's closest two heads are ~0.4 apart, so the default theta removes none);
 - ``compaction``: ``neuroprune.compact`` of a MiniLM given NeuroPrune-like structured sparsity
   (skipped with a note while ``neuroprune.compact`` does not exist).
 
@@ -35,7 +37,8 @@ from typing import Any
 from overhead import load, machine, write_atomic
 
 RESULTS = Path(__file__).resolve().parent / "results"
-CONDITIONS = ("load", "dense", "neuroprune", "compaction")
+CONDITIONS = ("load", "dense", "neuroprune", "neuroprune_heads", "compaction")
+NEUROPRUNE = ("neuroprune", "neuroprune_heads")
 TARGET = 1.15
 
 
@@ -47,6 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--alpha", type=float, default=1e-4)
     p.add_argument("--beta", type=float, default=1e-4)
     p.add_argument("--theta", type=float, default=0.15)
+    p.add_argument("--heads-theta", type=float, default=0.5, help="theta of the neuroprune_heads condition")
     p.add_argument("--lr", type=float, default=2e-5)
     p.add_argument("--repeats", type=int, default=2, help="fresh processes per condition")
     p.add_argument("--threads", type=int, default=2)
@@ -96,22 +100,23 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         model.eval()(**batch)
     model.train()
     out: dict[str, Any] = {"rss_after_load_mb": rss_now_mb()}
-    if args.child in ("dense", "neuroprune"):
-        pruner = NeuroPrune(model, NeuroPruneConfig(alpha=args.alpha, beta=args.beta, theta=args.theta))
+    if args.child in ("dense", *NEUROPRUNE):
+        theta = args.heads_theta if args.child == "neuroprune_heads" else args.theta
+        pruner = NeuroPrune(model, NeuroPruneConfig(alpha=args.alpha, beta=args.beta, theta=theta))
         removed = 0
         start = time.perf_counter()
         for step in range(args.steps):
             optimizer.zero_grad(set_to_none=True)
             loss = model(**batch).loss
-            if args.child == "neuroprune":
+            if args.child in NEUROPRUNE:
                 loss = loss + pruner.regularization_loss()
             loss.backward()
             optimizer.step()
-            if args.child == "neuroprune" and (step + 1) % max(args.steps // 2, 1) == 0:
+            if args.child in NEUROPRUNE and (step + 1) % max(args.steps // 2, 1) == 0:
                 removed += sum(len(h) for h in pruner.prune_redundant_heads().values())
                 remap_optimizer(optimizer, pruner.last_changes)
         out["train_s"] = time.perf_counter() - start
-        if args.child == "neuroprune":
+        if args.child in NEUROPRUNE:
             pruner.finalize()
             out.update(heads_removed=removed, sparsity=pruner.sparsity_report().sparsity)
     elif args.child == "compaction":
@@ -158,8 +163,8 @@ def run_condition(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
 def _forward(args: argparse.Namespace) -> list[str]:
     flags = []
-    for key in ("steps", "batch", "length", "alpha", "beta", "theta", "lr", "threads", "seed"):
-        flags += [f"--{key}", str(getattr(args, key))]
+    for key in ("steps", "batch", "length", "alpha", "beta", "theta", "heads_theta", "lr", "threads", "seed"):
+        flags += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     return flags
 
 
@@ -178,7 +183,8 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"all-MiniLM-L6-v2 sequence classifier (2 labels), AdamW lr {s['lr']}, batch {s['batch']} x "
         f"{s['length']} tokens, {s['steps']} steps; NeuroPrune alpha {s['alpha']}, beta {s['beta']}, "
-        f"theta {s['theta']}, a head-pruning pass after each half. Peak RSS of a fresh process per "
+        f"theta {s['theta']} (and {s['heads_theta']} for `neuroprune_heads`), a head-pruning pass after "
+        f"each half. Peak RSS of a fresh process per "
         f"condition (`ru_maxrss`), {s['repeats']} processes each; the table shows the largest.",
         "",
         "| condition | peak RSS (MB) | RSS after load (MB) | peak above load (MB) | notes |",
@@ -201,7 +207,8 @@ def markdown(result: dict[str, Any]) -> str:
                      f"{worst['peak_rss_mb'] - worst['rss_after_load_mb']:.0f} | {'; '.join(notes)} |")
     lines += [
         "",
-        f"**NeuroPrune / dense peak RSS: {summary['ratio']:.3f}x** (target <= {TARGET}x: "
+        f"**NeuroPrune / dense peak RSS: {summary['ratio']:.3f}x** (the larger of the two NeuroPrune "
+        f"conditions; target <= {TARGET}x: "
         f"{'met' if summary['meets_target'] else 'MISSED'}); training memory above the loaded model: "
         f"{summary['ratio_above_load']:.3f}x.",
     ]
@@ -230,11 +237,12 @@ def main(argv: list[str] | None = None) -> int:
     result["load_end"] = load()
     peak = {n: max(x.get("peak_rss_mb", 0.0) for x in runs) for n, runs in result["conditions"].items()}
     floor = min(x["rss_after_load_mb"] for x in result["conditions"]["dense"])
+    worst = max(peak[n] for n in NEUROPRUNE)
     result["summary"] = {
         "peak_rss_mb": peak,
-        "ratio": peak["neuroprune"] / peak["dense"],
-        "ratio_above_load": (peak["neuroprune"] - floor) / (peak["dense"] - floor),
-        "meets_target": peak["neuroprune"] / peak["dense"] <= TARGET,
+        "ratio": worst / peak["dense"],
+        "ratio_above_load": (worst - floor) / (peak["dense"] - floor),
+        "meets_target": worst / peak["dense"] <= TARGET,
     }
     if "skipped" not in result["conditions"]["compaction"][0]:
         result["summary"]["compaction_over_dense"] = peak["compaction"] / peak["dense"]
