@@ -91,6 +91,20 @@ def test_plain_model_is_wrapped_and_rule_thresholds_apply():
     assert "attention_inputs" not in structure and "contract_rows" not in structure
     with pytest.raises(ConfigError, match="min_row_fraction"):
         CompactionRule(min_row_fraction=2)
+    with pytest.raises(ConfigError, match="multiple_of"):
+        CompactionRule(multiple_of=0)
+
+
+def test_kept_widths_are_rounded_up_to_a_multiple_exactly():
+    pruner = structured("gpt2")
+    with torch.no_grad():
+        weight_matrix(pruner.mlps[0].up)[:45] = 0  # 3 live neurons of 48
+    x = tiny_inputs("gpt2")
+    expected = main_output(pruner.model, x)
+    neuroprune.compact(pruner)
+    assert len(pruner.mlps[0].kept_neurons) == 8
+    assert len(pruner.structure()["contract_rows"][pruner.mlps[0].name]) % 8 == 0
+    torch.testing.assert_close(main_output(pruner.model, x), expected, atol=ATOL, rtol=0)
 
 
 @torch.no_grad()

@@ -53,17 +53,24 @@ class CompactionRule:
             fraction of its input dimensions is dead.
         min_row_fraction: drop the zero rows of an MLP's contract matrix when at least this
             fraction of its rows is zero.
+        multiple_of: round the number of neurons (and of contract rows) kept up to a multiple of
+            this, keeping a few dead ones (exact either way): CPU GEMM kernels ran up to 1.5x
+            slower on widths like 922 than on 920 (benchmarks, docs/compaction.md). 1 = off.
     Dead neurons and dead heads are always removed: that costs nothing at run time.
     """
 
     min_input_fraction: float = 0.25
     min_row_fraction: float = 0.25
+    multiple_of: int = 8
 
     def __post_init__(self) -> None:
         for name in ("min_input_fraction", "min_row_fraction"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
                 raise ConfigError(f"{name}={value!r} must be a number between 0 and 1 (1 = never).")
+        multiple = self.multiple_of
+        if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
+            raise ConfigError(f"multiple_of={self.multiple_of!r} must be a positive integer.")
 
 
 # --- surgery with a gathered input or a scattered output --------------------------------------
@@ -253,11 +260,20 @@ def compact_attention(unit: AttentionUnit, rule: CompactionRule) -> None:
         gather_block_inputs(unit, keep)
 
 
+def _round_up_kept(removable: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Un-remove the first few removable entries so that the number kept is a multiple of
+    `multiple` (at least one is kept, never a zero-width matmul)."""
+    removable = removable.clone()
+    kept = int((~removable).sum())
+    target = min(removable.numel(), max(multiple, -(-kept // multiple) * multiple))
+    removable[removable.nonzero().flatten()[: target - kept]] = False
+    return removable
+
+
 @torch.no_grad()
 def compact_mlp(unit: MLPUnit, rule: CompactionRule) -> None:
     removable, constant = neuron_constants(unit)
-    if bool(removable.all()):
-        removable[0] = False  # keep one neuron rather than a zero-width matmul
+    removable = _round_up_kept(removable, rule.multiple_of)
     if bool(removable.any()):
         down = weight_matrix(unit.down)
         contribution = down[:, removable] @ constant[removable].to(down.dtype)
@@ -267,9 +283,7 @@ def compact_mlp(unit: MLPUnit, rule: CompactionRule) -> None:
                 unit.added_contract_bias = True
             unit.down.bias += contribution
         unit.keep_neurons((~removable).nonzero().flatten().tolist())
-    rows_alive = weight_matrix(unit.down).detach().ne(0).any(1)
-    if int(rows_alive.sum()) == 0:
-        rows_alive[0] = True
+    rows_alive = ~_round_up_kept(~weight_matrix(unit.down).detach().ne(0).any(1), rule.multiple_of)
     if 1 - int(rows_alive.sum()) / rows_alive.numel() >= rule.min_row_fraction and not bool(rows_alive.all()):
         current = kept_outputs(unit.down) or list(range(rows_alive.numel()))
         drop_output_rows(unit.down, [current[p] for p in rows_alive.nonzero().flatten().tolist()])
