@@ -265,7 +265,8 @@ def rule_measurements(args: argparse.Namespace, rng: random.Random) -> list[dict
         down = nn.Linear(4 * d, d)
         fns = {"qkv dense": lambda m=qkv, x=x: [p(x) for p in m], "down dense": lambda m=down, h=h: m(h)}
         for frac in (0.05, 0.1, 0.25, 0.5):
-            keep = sorted(torch.randperm(d, generator=g)[: round(d * (1 - frac))].tolist())
+            width = -(-round(d * (1 - frac)) // 8) * 8  # kept widths are multiples of 8, as compaction's
+            keep = sorted(torch.randperm(d, generator=g)[:width].tolist())
             gathered = copy.deepcopy(qkv)
             shared = SharedGather(len(gathered))  # as compaction does: one gather for q, k and v
             for m in gathered:
