@@ -28,11 +28,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--min-input-fraction", type=float, default=None, metavar="F",
         help="gather an attention block's input only if at least this fraction of its input dims "
-        "is dead (default from CompactionRule; 1 = never)",
+        "is dead (default 0.25; 1 = never)",
     )
     parser.add_argument(
         "--min-row-fraction", type=float, default=None, metavar="F",
-        help="drop an MLP's zero contract rows only if at least this fraction is zero (1 = never)",
+        help="drop an MLP's zero contract rows only if at least this fraction is zero (default 0.25; "
+        "1 = never)",
+    )
+    parser.add_argument(
+        "--multiple-of", type=int, default=None, metavar="N",
+        help="keep neuron / contract-row counts at multiples of N (default 8; 1 = exact minimum)",
     )
     parser.add_argument("--no-verify", action="store_true", help="skip the before/after output check")
     parser.add_argument("--atol", type=float, default=1e-4, help="output check tolerance (default 1e-4)")
@@ -62,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
 
     source = model_dir(args.run_dir)
     target = Path(args.output_dir) if args.output_dir else Path(args.run_dir) / "compact"
-    thresholds = {"min_input_fraction": args.min_input_fraction, "min_row_fraction": args.min_row_fraction}
+    thresholds = {"min_input_fraction": args.min_input_fraction, "min_row_fraction": args.min_row_fraction,
+                  "multiple_of": args.multiple_of}
     rule = CompactionRule(**{k: v for k, v in thresholds.items() if v is not None})
     pruner = from_pretrained(source)
     if args.finalize:
