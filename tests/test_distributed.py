@@ -195,6 +195,7 @@ def test_torchrun_training_ends_with_the_heads_and_sparsity_of_one_process(tmp_p
         torch.testing.assert_close(weights2[key], value, atol=1e-5, rtol=1e-4, msg=key)
 
 
+@pytest.mark.filterwarnings("ignore:FSDP is switching to use `NO_SHARD`")
 def test_real_fsdp_wrapped_models_are_refused(tmp_path):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
