@@ -34,7 +34,11 @@ class CheckpointError(NeuroPruneError):
 def atomic_dir(target: Path) -> Path:
     """A fresh temporary folder beside `target`, to be moved there with `commit_dir`."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private (0700); a saved model is an ordinary folder
+    return tmp
 
 
 def commit_dir(tmp: Path, target: Path) -> None:
