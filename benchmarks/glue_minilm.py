@@ -101,6 +101,18 @@ def write(out: dict[str, Any]) -> None:
         "Settings per row are in glue_minilm.json; all rows: MiniLM (packaged), AdamW with linear decay, "
         "batch 32, max length 128 unless the JSON says otherwise; dense = alpha 0, beta 0, no head pruning.",
         "",
+        "Settings of the rows: "
+        + "; ".join(
+            sorted(
+                {
+                    f"{r['task']}: " + ", ".join(f"{k}={v}" for k, v in r["settings"].items())
+                    for r in out["results"]
+                }
+            )
+        )
+        + ". max_eval_samples limits validation and test to their first N rows (RTE validation has 139, "
+        "MRPC 408).",
+        "",
         "F1 is of the positive class (GLUE convention for MRPC; shown for RTE as well). Sparsity: exact "
         "zeros of Q, K, V, O and MLP matrices against the dense shapes (removed heads count as zeros).",
         "",
