@@ -148,3 +148,23 @@ def test_a_custom_method_plugs_in(tmp_path):
     trainer.train()
     assert (method.steps, method.epochs, method.ended) == (8, 2, True)
     assert all(h.get("custom_value") == 1.5 for h in trainer.state.log_history)
+
+
+def test_per_layer_statistics_reach_tensorboard(tmp_path, monkeypatch):
+    """The sparsity and neuron-degree sd of every layer go through the Trainer's own TensorBoard
+    callback: read back from the event files."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logs = tmp_path / "logs"
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(logs))
+    model, pruner, tok, data, args = _setup(
+        tmp_path, num_train_epochs=1, report_to="tensorboard", eval_strategy="epoch"
+    )
+    _trainer(model, tok, data, args, pruner=pruner).train()
+    events = EventAccumulator(str(next(p.parent for p in logs.rglob("events.out.tfevents.*"))))
+    tags = set(events.Reload().Tags()["scalars"])
+    assert {"train/sparsity", "train/heads_kept", "train/penalty_mlp"} <= tags
+    # logged with each evaluation; the callback files non-"eval_" keys under train/
+    assert "train/degree_sd/bert.encoder.layer.0" in tags
+    assert "train/sparsity/bert.encoder.layer.1.attention" in tags
+    assert events.Scalars("train/heads_kept")[-1].value == 7
