@@ -51,8 +51,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import neuroprune
+from common import load, machine, summary, write_atomic
 from neuroprune import NeuroPrune, NeuroPruneConfig
-from overhead import load, machine, summary, write_atomic
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODELS = ("minilm", "mpnet-base")
@@ -62,7 +62,8 @@ SPEEDUP_TARGET_90 = 3.0
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--part", choices=("models", "rule", "all"), default="all")
+    p.add_argument("--part", choices=("models", "rule", "all", "memory"), default="all",
+                   help="memory: only re-measure peak forward memory into the existing results file")
     p.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     p.add_argument("--sparsities", nargs="+", type=float, default=[0.5, 0.7, 0.9])
     p.add_argument("--batches", nargs="+", type=int, default=[1, 32])
@@ -163,12 +164,14 @@ def interleaved(fns: dict[str, Any], budget_s: float, min_rounds: int, max_round
 
 
 def _libc_return_memory() -> None:
-    """Large blocks by mmap (returned to the OS on free), so peak RSS shows each pass's peak."""
+    """Large blocks by mmap (returned to the OS on free), and the free heap handed back now, so
+    peak RSS shows each pass's own peak rather than reused memory."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-3, 256 * 1024)  # M_MMAP_THRESHOLD
         libc.mallopt(-1, 256 * 1024)  # M_TRIM_THRESHOLD
-    except OSError:
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
         pass
 
 
@@ -182,6 +185,7 @@ def _status_kb(field: str) -> int:
 def peak_forward_bytes(model: torch.nn.Module, x: dict[str, torch.Tensor]) -> int | None:
     """Rise of peak RSS during one forward pass over the RSS before it (None if unsupported)."""
     gc.collect()
+    _libc_return_memory()
     try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
@@ -196,7 +200,8 @@ def param_bytes(model: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def bench_model(name: str, args: argparse.Namespace, rng: random.Random) -> list[dict[str, Any]]:
+def build_variants(name: str, args: argparse.Namespace) -> tuple[dict[str, torch.nn.Module], dict[str, Any]]:
+    """The dense model and one compacted copy per sparsity, with the structure imposed on each."""
     dense = build(name)
     variants: dict[str, torch.nn.Module] = {"dense": dense}
     structure: dict[str, dict[str, Any]] = {}
@@ -213,10 +218,17 @@ def bench_model(name: str, args: argparse.Namespace, rng: random.Random) -> list
         variants[key], structure[key] = model, info
         print(f"  {name} {key}: sparsity {info['sparsity']:.3f}, compaction error {info['max_abs_diff']:.1e}",
               flush=True)
+    return variants, structure
+
+
+def time_variants(name: str, variants: dict[str, torch.nn.Module], structure: dict[str, Any],
+                  args: argparse.Namespace, rng: random.Random) -> list[dict[str, Any]]:
+    """Latency rows (no memory yet: see `add_peak_memory`)."""
     rows = []
-    one = inputs(1, args.length, dense.config.vocab_size)
+    vocab = variants["dense"].config.vocab_size
+    one = inputs(1, args.length, vocab)
     for batch in args.batches:
-        x = inputs(batch, args.length, dense.config.vocab_size)
+        x = inputs(batch, args.length, vocab)
         fl = {k: flops(m, one) * batch for k, m in variants.items()}  # FLOPs are linear in batch
 
         def runner(m: torch.nn.Module, x: dict[str, torch.Tensor] = x) -> Any:
@@ -228,7 +240,6 @@ def bench_model(name: str, args: argparse.Namespace, rng: random.Random) -> list
         times = interleaved({k: (lambda m=m: runner(m)) for k, m in variants.items()},
                             args.budget_s, args.min_rounds, args.max_rounds, rng, cpu)
         load_after = load()
-        memory = {k: peak_forward_bytes(m, x) for k, m in variants.items()}
         base = statistics.median(times["dense"])
         for key in variants:
             t = statistics.median(times[key])
@@ -238,7 +249,7 @@ def bench_model(name: str, args: argparse.Namespace, rng: random.Random) -> list
                 "latency": summary(times[key]), "speedup": base / t,
                 "cpu_time": summary(cpu[key]),
                 "cpu_speedup": statistics.median(cpu["dense"]) / statistics.median(cpu[key]),
-                "param_bytes": param_bytes(variants[key]), "peak_forward_bytes": memory[key],
+                "param_bytes": param_bytes(variants[key]), "peak_forward_bytes": None,
                 "load_before": load_before, "load_after": load_after,
                 **({"structure": structure[key]} if key in structure else {}),
             }
@@ -247,6 +258,18 @@ def bench_model(name: str, args: argparse.Namespace, rng: random.Random) -> list
             print(f"  {name} b{batch} {key}: {t * 1e3:.1f} ms, speed-up {row['speedup']:.2f}x, "
                   f"FLOP ratio {row['flop_ratio']:.2f}x", flush=True)
     return rows
+
+
+def add_peak_memory(rows: list[dict[str, Any]], variants: dict[str, torch.nn.Module],
+                    args: argparse.Namespace) -> None:
+    """Peak forward memory of every row. Runs after *all* timing: it switches glibc to mmap for
+    large blocks (`_libc_return_memory`), which makes every activation a fresh, page-faulted
+    mapping and slows the small compacted models far more than the dense one."""
+    _libc_return_memory()
+    vocab = variants["dense"].config.vocab_size
+    for row in rows:
+        x = inputs(row["batch"], args.length, vocab)
+        row["peak_forward_bytes"] = peak_forward_bytes(variants[row["variant"]], x)
 
 
 @torch.inference_mode()
@@ -357,20 +380,36 @@ def targets(rows: list[dict[str, Any]]) -> list[str]:
     return out
 
 
+def remeasure_memory(args: argparse.Namespace) -> int:
+    stem = Path(args.output)
+    result = json.loads(stem.with_suffix(".json").read_text())
+    for name in sorted({r["model"] for r in result["models"]}):
+        variants, _ = build_variants(name, args)
+        add_peak_memory([r for r in result["models"] if r["model"] == name], variants, args)
+    write_atomic(stem.with_suffix(".json"), json.dumps(result, indent=1))
+    write_atomic(stem.with_suffix(".md"), markdown(result))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    _libc_return_memory()
     rng = random.Random(args.seed)
     result: dict[str, Any] = {"machine": machine(), "settings": {k: v for k, v in vars(args).items()
                                                                    if k != "output"},
                               "load_start": load()}
+    if args.part == "memory":  # independent of timing: safe to redo on a busy machine
+        return remeasure_memory(args)
     if args.part in ("rule", "all"):
         result["rule"] = rule_measurements(args, rng)
     if args.part in ("models", "all"):
-        rows = []
+        timed = []
         for name in args.models:
-            rows += bench_model(name, args, rng)
+            variants, structure = build_variants(name, args)
+            timed.append((time_variants(name, variants, structure, args, rng), variants))
+        for model_rows, variants in timed:
+            add_peak_memory(model_rows, variants, args)
+        rows = [row for model_rows, _ in timed for row in model_rows]
         result["models"] = rows
         result["targets"] = targets(rows)
     result["load_end"] = load()

@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from overhead import load, machine, write_atomic
+from common import load, machine, write_atomic
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CONDITIONS = ("load", "dense", "neuroprune", "neuroprune_heads", "compaction")

@@ -20,13 +20,9 @@ The input tokens are random ids (seeded): step time does not depend on the text.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -37,7 +33,7 @@ import torch
 import transformers
 from transformers import AutoModelForSequenceClassification, MPNetConfig
 
-import neuroprune
+from common import load, machine, summary, write_atomic
 from neuroprune import NeuroPrune, NeuroPruneConfig
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -64,49 +60,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def machine() -> dict[str, Any]:
-    cpu = platform.processor()
-    with contextlib.suppress(OSError, StopIteration):
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    return {
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "neuroprune": neuroprune.__version__,
-        "git_commit": _git_commit(),
-    }
-
-
-def _git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
-def load() -> dict[str, Any]:
-    """Machine load (1/5/15-minute averages): the machine is shared, so say how busy it was."""
-    return {"loadavg": [round(x, 2) for x in os.getloadavg()], "time": time.strftime("%H:%M:%S")}
-
-
 def timed(fn: Callable[[], Any]) -> tuple[float, float]:
     """Wall-clock and process CPU seconds of one call. On a busy shared machine the CPU time (with
     one thread) tracks the work done far better than the wall clock, which includes waiting."""
     wall, cpu = time.perf_counter(), time.process_time()
     fn()
     return time.perf_counter() - wall, time.process_time() - cpu
-
-
-def summary(times: list[float]) -> dict[str, float]:
-    q = statistics.quantiles(times, n=4) if len(times) > 1 else times * 3
-    return {"median_s": statistics.median(times), "q1_s": q[0], "q3_s": q[2],
-            "min_s": min(times), "n": len(times)}
 
 
 def head_distances(pruner: NeuroPrune) -> dict[str, float]:
@@ -278,13 +237,6 @@ def markdown(result: dict[str, Any]) -> str:
                      f"{r['min_s']:.3f} | {max(r['raw_s']):.3f} | {r['median_cpu_s']:.3f} | "
                      f"{'yes' if r['meets_target'] else 'no'} |")
     return "\n".join(lines) + "\n"
-
-
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,20 +36,24 @@ import torch
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from common import load, machine, write_atomic
 from neuroprune import NeuroPruneConfig, remap_optimizer
 from neuroprune.compaction import compact
+from neuroprune.controller import SparsityTarget
 from neuroprune.methods import METHODS, build_method
-from overhead import load, machine, write_atomic
 
 RESULTS = Path(__file__).resolve().parent / "results" / "sweep"
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SPARSITIES = (25, 50, 70, 80, 90, 95)
 # task: (text fields, main metric, train subset, epochs). Small tasks get more epochs (method.md 3).
+# max_length covers nearly every single sentence (SST-2, CoLA) and most sentence pairs (MRPC, RTE).
 TASKS: dict[str, dict[str, Any]] = {
-    "sst2": {"fields": ("sentence",), "metric": "accuracy", "train": 1000, "epochs": 1},
-    "mrpc": {"fields": ("sentence1", "sentence2"), "metric": "f1", "train": 1500, "epochs": 2},
-    "rte": {"fields": ("sentence1", "sentence2"), "metric": "accuracy", "train": 1244, "epochs": 2},
-    "cola": {"fields": ("sentence",), "metric": "mcc", "train": 2000, "epochs": 2},
+    "sst2": {"fields": ("sentence",), "metric": "accuracy", "train": 4000, "epochs": 1, "max_length": 48},
+    "mrpc": {"fields": ("sentence1", "sentence2"), "metric": "f1", "train": 1500, "epochs": 2,
+             "max_length": 128},
+    "rte": {"fields": ("sentence1", "sentence2"), "metric": "accuracy", "train": 1244, "epochs": 2,
+            "max_length": 128},
+    "cola": {"fields": ("sentence",), "metric": "mcc", "train": 2000, "epochs": 2, "max_length": 48},
 }
 PRIORITY = [("sst2", "dense", None)] + [("sst2", m, s) for s in (90, 50) for m in ("neuroprune", "gmp", "l1")]
 DECODER_TRAIN = 400  # SmolLM2-135M is ~6x MiniLM's compute: a smaller SST-2 subset
@@ -71,13 +75,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="cap the test set (default 872: all of SST-2's, the first 872 of the others)")
     p.add_argument("--epochs", type=int, help="override the task's epochs")
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--max-length", type=int, default=48)
+    p.add_argument("--max-length", type=int, help="override the task's maximum tokens per example")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--alpha", type=float, default=1.0,
                    help="initial alpha (the controller scales it; ~1 suits the proximal step at lr 1e-4)")
     p.add_argument("--beta", type=float, default=10.0,
                    help="initial beta: the l_{1,0.5} gradient is ~1/(2 sqrt(group l1)) ~ 0.07 on MiniLM, "
                         "so beta ~ 10 alpha shrinks attention about as fast as MLP")
+    p.add_argument("--ramp-end", type=float, default=0.7,
+                   help="fraction of training by which the target (and GMP schedule) reaches its final value")
     p.add_argument("--theta", type=float, default=0.15)
     p.add_argument("--prune-every", type=int, default=20, help="head-pruning pass every N steps")
     p.add_argument("--latency-runs", type=int, default=3)
@@ -116,6 +122,10 @@ def batches(rows: list[dict], fields: tuple[str, ...], tok: Any, size: int, max_
         yield enc
 
 
+def max_length(task: str, args: argparse.Namespace) -> int:
+    return args.max_length or TASKS[task]["max_length"]
+
+
 def metric(task: str, preds: list[int], labels: list[int]) -> dict[str, float]:
     out = {"accuracy": accuracy_score(labels, preds)}
     if task == "mrpc":
@@ -130,7 +140,7 @@ def evaluate(model: Any, task: str, rows: list[dict], tok: Any, args: argparse.N
     model.eval()
     preds: list[int] = []
     labels: list[int] = []
-    for batch in batches(rows, TASKS[task]["fields"], tok, 64, args.max_length):
+    for batch in batches(rows, TASKS[task]["fields"], tok, 64, max_length(task, args)):
         labels += batch.pop("labels").tolist()
         preds += model(**batch).logits.argmax(-1).tolist()
     return metric(task, preds, labels)
@@ -210,7 +220,7 @@ def run_cell(task: str, method_name: str, sparsity: int | None, args: argparse.N
     train, test = task_data(task, args)
     model, tok = load_model(args.decoder, args)
     config = NeuroPruneConfig(alpha=args.alpha, beta=args.beta, theta=args.theta)
-    target = sparsity / 100 if sparsity is not None else None
+    target = SparsityTarget(sparsity / 100, ramp_end=args.ramp_end) if sparsity is not None else None
     kwargs = {"prune_every_steps": args.prune_every} if method_name == "neuroprune" else {}
     method = build_method(method_name, model, config, target, **kwargs)
     epochs = args.epochs or spec["epochs"]
@@ -224,7 +234,7 @@ def run_cell(task: str, method_name: str, sparsity: int | None, args: argparse.N
     for epoch in range(epochs):
         model.train()
         start = time.perf_counter()
-        for batch in batches(train, spec["fields"], tok, args.batch, args.max_length, rng):
+        for batch in batches(train, spec["fields"], tok, args.batch, max_length(task, args), rng):
             loss = model(**batch).loss
             reg = method.regularization_loss()
             if reg is not None:
@@ -245,7 +255,7 @@ def run_cell(task: str, method_name: str, sparsity: int | None, args: argparse.N
     report = method.pruner.sparsity_report()
     result = per_epoch[-1]
     dense_params = sum(p.numel() for p in model.parameters())
-    probe = list(batches(test[:128], spec["fields"], tok, 64, args.max_length))
+    probe = list(batches(test[:128], spec["fields"], tok, 64, max_length(task, args)))
     before = predictions(model, probe)
     pruner = compact(method.pruner)
     agreement = float((predictions(pruner.model, probe) == before).float().mean())
@@ -265,8 +275,9 @@ def run_cell(task: str, method_name: str, sparsity: int | None, args: argparse.N
         "summary": method.summary(), "per_epoch": per_epoch, "load": load(),
         "controller": controller.history[::5] if (controller := getattr(method, "controller", None))
         else None,
-        "settings": {k: v for k, v in vars(args).items() if k in (
-            "batch", "max_length", "lr", "alpha", "beta", "theta", "prune_every", "seed")},
+        "settings": {**{k: v for k, v in vars(args).items() if k in (
+            "batch", "lr", "alpha", "beta", "theta", "prune_every", "seed", "ramp_end")},
+            "max_length": max_length(task, args)},
     }
 
 

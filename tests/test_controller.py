@@ -9,7 +9,7 @@ from transformers import AutoModelForSequenceClassification
 
 from neuroprune import ConfigError, NeuroPrune, NeuroPruneConfig, remap_optimizer
 from neuroprune.controller import SparsityTarget, TargetController, cubic_schedule, near_zero_sparsity
-from neuroprune.methods import build_method
+from neuroprune.methods import build_method, matrix_parameters
 
 from tiny import VOCAB, tiny_config, tiny_model
 
@@ -91,3 +91,22 @@ def test_controller_reaches_target_within_two_points(name, target):
     assert summary["target_sparsity"] == target and summary["achieved_sparsity"] == report.sparsity
     # the controller moved the penalty weights far from where the user put them
     assert summary["alpha"] != 1e-3
+
+
+def test_hold_keeps_removed_weights_at_zero_and_pauses_the_penalty_at_target():
+    model = tiny_model("bert")
+    method = build_method("l1", model, NeuroPruneConfig(alpha=1.0), 0.3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    method.on_train_begin(10, opt)
+    method.on_step_end(10)  # ramp over: the target is 0.3 from here on
+    made = [m.clone() for m in method.zeros.masks]
+    assert sum(int(m.sum()) for m in made) > 0  # the proximal step made exact zeros
+    with torch.no_grad():  # an optimiser step that would revive every removed weight
+        for p in matrix_parameters(method.pruner):
+            p.add_(0.01)
+    method.measured = 1.0  # above target: the penalty pauses, the zeros are re-imposed
+    before = [p.detach().clone() for p in matrix_parameters(method.pruner)]
+    method.on_step_end(11)
+    for p, zero, old in zip(matrix_parameters(method.pruner), made, before):
+        assert torch.all(p[zero] == 0)
+        assert torch.equal(p[~zero], old[~zero])  # survivors untouched: no shrinking

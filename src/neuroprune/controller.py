@@ -74,6 +74,11 @@ class SparsityTarget:
         max_rate: largest change of log(scale) per step from the integral part (keeps the loop
             stable when the error is large early on).
         min_scale, max_scale: bounds of the factor applied to alpha and beta.
+        hold: keep what the penalty removed: exact zeros stay zero (re-imposed after every
+            optimiser step) and the proximal step pauses while the measured sparsity is at or
+            above the scheduled target, so surviving weights are not shrunk beyond what the target
+            needs and recover during the hold phase. False: the penalty acts every step and the
+            controller alone balances it against the optimiser reviving weights.
     """
 
     sparsity: float
@@ -84,6 +89,7 @@ class SparsityTarget:
     max_rate: float = 0.5
     min_scale: float = 1e-4
     max_scale: float = 1e8
+    hold: bool = True
 
     def __post_init__(self) -> None:
         s = self.sparsity

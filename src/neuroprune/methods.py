@@ -89,6 +89,7 @@ class PenaltyMethod(ScheduledMethod):
         self.proximal = target is not None if proximal is None else proximal
         self.scale = 1.0
         self.measured: float | None = None
+        self.zeros = ZeroMasks(pruner)
 
     def penalty(self) -> torch.Tensor:
         """The weighted penalty (current alpha / beta applied)."""
@@ -102,7 +103,10 @@ class PenaltyMethod(ScheduledMethod):
         self.pruner.config.alpha, self.pruner.config.beta = (w * scale for w in self.base)
 
     def on_step_end(self, step: int) -> list[ParamChange]:
-        if self.proximal:
+        holding = self.controller is not None and self.controller.settings.hold
+        if holding:
+            self.zeros.apply()
+        if self.proximal and not (holding and self.at_target(step)):
             lr = self.optimizer.param_groups[0]["lr"] if self.optimizer is not None else 1.0
             proximal_step(self.penalty(), matrix_parameters(self.pruner), lr)
         if self.controller is not None:
@@ -110,7 +114,26 @@ class PenaltyMethod(ScheduledMethod):
                 raise ConfigError("a target sparsity needs on_train_begin(total_steps, optimizer) first.")
             self.measured = near_zero_sparsity(self.pruner)
             self.set_scale(self.controller.update(step, self.total_steps, self.measured))
-        return super().on_step_end(step)
+        changes = super().on_step_end(step)
+        if holding:
+            self.zeros.record()
+        return changes
+
+    def on_epoch_end(self, epoch: int) -> list[ParamChange]:
+        changes = super().on_epoch_end(epoch)
+        if self.controller is not None and self.controller.settings.hold:
+            self.zeros.record()
+        return changes
+
+    def on_train_begin(self, total_steps: int, optimizer: torch.optim.Optimizer | None) -> None:
+        super().on_train_begin(total_steps, optimizer)
+        if self.controller is not None and self.controller.settings.hold:
+            self.zeros.record()  # after a resume: the zeros already made
+
+    def at_target(self, step: int) -> bool:
+        """Whether the last measured sparsity already reaches the scheduled target for `step`."""
+        target = self.controller.target_at(step, self.total_steps)
+        return self.measured is not None and self.measured >= target
 
     def log_values(self, detailed: bool = False) -> dict[str, float]:
         cfg = self.pruner.config
@@ -209,17 +232,20 @@ def build_method(
     name: str,
     model: nn.Module,
     config: NeuroPruneConfig | None = None,
-    target_sparsity: float | None = None,
+    target_sparsity: float | SparsityTarget | None = None,
     prune_every_steps: int = 0,
     **kwargs: Any,
 ) -> ScheduledMethod:
-    """The method `name` (one of `METHODS`) on `model`. `target_sparsity` (a fraction) switches on
-    the controller for neuroprune / l1 and is required by gmp. Extra keyword arguments go to the
+    """The method `name` (one of `METHODS`) on `model`. `target_sparsity` (a fraction, or a
+    `SparsityTarget` with its schedule and gains) switches on the controller for neuroprune / l1
+    and is required by gmp. Extra keyword arguments go to the
     method (`proximal` for neuroprune / l1, `interval` for gmp). `config` is copied: the
     controller rewrites alpha and beta as it goes."""
-    check_method(name, target_sparsity)
+    settings = target_sparsity if isinstance(target_sparsity, SparsityTarget) else None
+    level = settings.sparsity if settings is not None else target_sparsity
+    check_method(name, level)
     config = dataclasses.replace(config or NeuroPruneConfig())
-    target = SparsityTarget(target_sparsity) if target_sparsity is not None else None
+    target = settings or (SparsityTarget(level) if level is not None else None)
     if name == "neuroprune":
         return TargetNeuroPrune(NeuroPrune(model, config), prune_every_steps, target, **kwargs)
     if name == "l1":
@@ -241,6 +267,26 @@ def matrix_parameters(pruner: NeuroPrune) -> list[nn.Parameter]:
     for mlp in pruner.mlps:
         modules += [m for m in (mlp.gate, mlp.up, mlp.down) if m is not None]
     return [m.weight for m in modules]
+
+
+class ZeroMasks:
+    """The exact zeros of the counted matrices, re-imposed after each optimiser step: a weight the
+    proximal step has removed stays removed (AdamW's momentum would otherwise revive it and the
+    penalty would have to fight it, and so shrink every surviving weight, for the rest of the run)."""
+
+    def __init__(self, pruner: NeuroPrune) -> None:
+        self.pruner = pruner
+        self.masks: list[torch.Tensor] = []
+
+    @torch.no_grad()
+    def record(self) -> None:
+        self.masks = [p == 0 for p in matrix_parameters(self.pruner)]
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        for param, zero in zip(matrix_parameters(self.pruner), self.masks):
+            if param.shape == zero.shape:
+                param.masked_fill_(zero, 0.0)
 
 
 def proximal_step(penalty: torch.Tensor, params: list[nn.Parameter], lr: float) -> None:
