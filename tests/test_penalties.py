@@ -10,6 +10,7 @@ from neuroprune.penalties import (
     attention_penalty,
     group_l1_half,
     mlp_penalty,
+    output_penalty,
     preferential_attachment_l1,
     row_degree,
 )
@@ -91,6 +92,23 @@ def test_regularization_loss_weights_and_gradients():
     assert model.encoder.layer[0].attention.self.query.weight.grad.abs().sum() > 0
     assert model.encoder.layer[0].intermediate.dense.weight.grad.abs().sum() > 0
     assert model.embeddings.word_embeddings.weight.grad is None  # embeddings are not regularised
+    assert model.encoder.layer[0].attention.output.dense.weight.grad is None  # paper: W^O untouched
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2"])
+def test_output_penalty_is_opt_in_and_reads_rows_of_w_o(family):
+    model = tiny_model(family).double()
+    pruner = NeuroPrune(model, NeuroPruneConfig(alpha=0.5, beta=2.0, output_penalty=True))
+    o = pruner.attention[0].matrices()["o"].detach()  # (out, in), also for GPT-2's Conv1D
+    deg = ((o.abs() >= 1e-4).sum(1).double() / o.shape[1]).clamp(min=1 / o.shape[1])
+    assert output_penalty(pruner.attention[0], 1e-4).item() == pytest.approx(
+        float((o.abs().sum(1) / deg).sum()), rel=1e-9)
+    parts = pruner.penalties()
+    loss = pruner.regularization_loss()
+    expected = 0.5 * (parts["mlp"] + parts["output"]) + 2.0 * parts["attention"]
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-9)
+    loss.backward()
+    assert all(u.o.weight.grad.abs().sum() > 0 for u in pruner.attention)
 
 
 def test_zero_weights_skip_the_computation():

@@ -36,6 +36,10 @@ class NeuroPruneConfig:
             wording (add the head's slice of the layer's MLP expand matrix into the survivor's
             slice); ``"none"`` drops the head without merging.
         prune_heads: set False to train with the regularisers only and never remove heads.
+        output_penalty: also put the preferential-attachment row penalty (weight alpha) on each
+            attention block's output projection W^O. Not in the paper, whose penalties never touch
+            W^O; but the section 5 measure counts it (1/12 of a BERT-style block), so without it
+            a 90% target forces Q, K, V and the MLPs to ~98%. Off by default (paper behaviour).
         tiny: added inside the square root of the group penalty so its gradient is finite at 0.
         attention_modules: optional regex; only attention blocks whose module name matches
             (``re.search``) are regularised and pruned.
@@ -55,6 +59,7 @@ class NeuroPruneConfig:
     eps: float = 1e-4
     merge: MergeMode = "output"
     prune_heads: bool = True
+    output_penalty: bool = False
     tiny: float = 1e-12
     attention_modules: str | None = None
     mlp_modules: str | None = None

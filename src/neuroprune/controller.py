@@ -49,17 +49,30 @@ def cubic_schedule(
 
 
 @torch.no_grad()
-def near_zero_sparsity(pruner: NeuroPrune) -> float:
-    """The section 5 sparsity that `finalize()` would produce now: entries with |w| < eps in the
-    regularised matrices, plus everything already removed, over the dense shapes."""
-    zeros = total = 0
+def near_zero_by_kind(pruner: NeuroPrune) -> dict[str, tuple[int, int]]:
+    """(entries with |w| < eps or removed, dense entries) per matrix kind ("q", "k", "v" or the
+    fused "qkv", "o", "up", "gate", "down") over all blocks: what `finalize()` would zero now."""
+    counts: dict[str, tuple[int, int]] = {}
     eps = pruner.config.eps
     for unit in [*pruner.attention, *pruner.mlps]:
         for key, mat in unit.matrices().items():
             dense = unit.original_numel[key]
-            total += dense
-            zeros += dense - mat.numel() + int((mat.abs() < eps).sum())
-    return zeros / total if total else 0.0
+            zeros, total = counts.get(key, (0, 0))
+            counts[key] = (zeros + dense - mat.numel() + int((mat.abs() < eps).sum()), total + dense)
+    return counts
+
+
+def fraction(counts: dict[str, tuple[int, int]], kinds: set[str] | None = None) -> float:
+    """Zeros over entries of the matrix kinds `kinds` (all when None)."""
+    picked = [v for k, v in counts.items() if kinds is None or k in kinds]
+    total = sum(t for _, t in picked)
+    return sum(z for z, _ in picked) / total if total else 0.0
+
+
+def near_zero_sparsity(pruner: NeuroPrune) -> float:
+    """The section 5 sparsity that `finalize()` would produce now: entries with |w| < eps in the
+    regularised matrices, plus everything already removed, over the dense shapes."""
+    return fraction(near_zero_by_kind(pruner))
 
 
 @dataclass
@@ -120,9 +133,11 @@ class TargetController:
         s = self.settings
         return cubic_schedule(step, total_steps, s.sparsity, 0.0, s.ramp_begin, s.ramp_end)
 
-    def update(self, step: int, total_steps: int, measured: float) -> float:
+    def update(self, step: int, total_steps: int, measured: float, target: float | None = None) -> float:
+        """`target` overrides the schedule's value for this step (a part of the model steered to
+        its share of the overall target)."""
         s = self.settings
-        target = self.target_at(step, total_steps)
+        target = self.target_at(step, total_steps) if target is None else target
         error = target - measured
         self.log_scale += max(-s.max_rate, min(s.max_rate, s.ki * error))
         low, high = math.log(s.min_scale), math.log(s.max_scale)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .surgery import weight_matrix
 from .units import AttentionUnit, MLPUnit
 
 
@@ -40,3 +41,9 @@ def mlp_penalty(unit: MLPUnit, eps: float) -> torch.Tensor:
 def attention_penalty(unit: AttentionUnit, tiny: float) -> torch.Tensor:
     """R_attn of one block: groups are the input dimensions of [Q, K, V]."""
     return group_l1_half(unit.input_l1(), tiny)
+
+
+def output_penalty(unit: AttentionUnit, eps: float) -> torch.Tensor:
+    """The preferential-attachment penalty on the rows of the output projection W^O (opt-in,
+    `NeuroPruneConfig.output_penalty`): treats W^O as the attention block's contract matrix."""
+    return preferential_attachment_l1([weight_matrix(unit.o)], eps)

@@ -17,7 +17,7 @@ from .compaction import compaction_structure, restore_compaction
 from .config import NeuroPruneConfig
 from .errors import NeuroPruneError
 from .heads import prune_unit
-from .penalties import attention_penalty, mlp_penalty
+from .penalties import attention_penalty, mlp_penalty, output_penalty
 from .sparsity import SparsityReport, report
 from .surgery import ParamChange
 from .units import AttentionUnit, MLPUnit
@@ -63,20 +63,27 @@ class NeuroPrune:
 
     # --- regularisation -------------------------------------------------------------------------
     def penalties(self) -> dict[str, torch.Tensor]:
-        """Unweighted sums of R_MLP and R_attn over all blocks (differentiable)."""
+        """Unweighted sums of R_MLP and R_attn (and R_O when `output_penalty` is on) over all
+        blocks (differentiable)."""
         zero = torch.zeros((), device=next(self.model.parameters()).device)
-        return {
+        values = {
             "mlp": sum((mlp_penalty(u, self.config.eps) for u in self.mlps), zero),
             "attention": sum((attention_penalty(u, self.config.tiny) for u in self.attention), zero),
         }
+        if self.config.output_penalty:
+            values["output"] = sum((output_penalty(u, self.config.eps) for u in self.attention), zero)
+        return values
 
     def regularization_loss(self) -> torch.Tensor:
-        """alpha * sum R_MLP + beta * sum R_attn, a differentiable scalar to add to the task loss.
+        """alpha * sum R_MLP + beta * sum R_attn (+ alpha * sum R_O with `output_penalty`), a
+        differentiable scalar to add to the task loss.
         A penalty whose weight is 0 is not computed at all."""
         cfg = self.config
         loss = torch.zeros((), device=next(self.model.parameters()).device)
         if cfg.alpha:
             loss = loss + cfg.alpha * sum(mlp_penalty(u, cfg.eps) for u in self.mlps)
+            if cfg.output_penalty:
+                loss = loss + cfg.alpha * sum(output_penalty(u, cfg.eps) for u in self.attention)
         if cfg.beta:
             loss = loss + cfg.beta * sum(attention_penalty(u, cfg.tiny) for u in self.attention)
         return loss

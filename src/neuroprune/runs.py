@@ -75,6 +75,7 @@ class TrainSettings:
     merge: str = "output"
     prune_heads: bool = True
     prune_every_steps: int = 0
+    output_penalty: bool = False  # also penalise W^O (not in the paper; helps high targets)
     method: str = "neuroprune"  # neuroprune, l1, gmp or dense (neuroprune.methods)
     target_sparsity: float | None = None  # fraction; alpha / beta are then steered to reach it
     save_steps: int = 0  # 0: checkpoint at the end of every epoch
@@ -126,6 +127,7 @@ class TrainSettings:
             eps=self.eps,
             merge=self.merge,
             prune_heads=self.prune_heads,
+            output_penalty=self.output_penalty,
         )
 
     def to_dict(self) -> dict[str, Any]:
