@@ -50,7 +50,7 @@ HELP = {
     "prune_heads": "remove redundant heads at the end of every epoch",
     "prune_every_steps": "also prune heads every N optimiser steps (0: only at epoch ends)",
     "output_penalty": "also put the MLP-style row penalty (alpha) on the attention output projection; "
-    "not in the paper, needed for targets of ~90% and above",
+    "not in the paper, needed for targets of ~90%% and above",
     "method": "neuroprune, l1 (plain l1, no head pruning), gmp (gradual magnitude pruning) or dense",
     "target_sparsity": "ask for a sparsity (fraction, e.g. 0.9): alpha and beta are steered to it during "
     "training (neuroprune, l1); the final sparsity for gmp",
