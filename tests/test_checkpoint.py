@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 import neuroprune
 from neuroprune import CheckpointError, NeuroPrune, NeuroPruneConfig
@@ -79,4 +80,14 @@ def test_weights_from_another_model_are_refused(tmp_path):
     other.save_pretrained(tmp_path / "other")  # dense: shapes differ from the pruned structure
     (path / "model.safetensors").write_bytes((tmp_path / "other" / "model.safetensors").read_bytes())
     with pytest.raises(CheckpointError, match="do not fit the model"):
+        neuroprune.load(path)
+
+
+def test_edited_weights_with_the_same_shapes_are_refused(tmp_path):
+    _, _, path = _pruned("bert", tmp_path)
+    state = load_file(path / "model.safetensors")
+    key = next(k for k in state if k.endswith("query.weight"))
+    state[key] = state[key] + 0.01  # same shapes, other values
+    save_file(state, path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="checksum"):
         neuroprune.load(path)

@@ -5,6 +5,7 @@ half-written checkpoint."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -73,6 +74,7 @@ def save_pretrained(pruner: NeuroPrune, directory: str | Path, tokenizer: Any = 
             "neuroprune_config": pruner.config.to_dict(),
             "structure": pruner.structure(),
             "shapes": {k: list(v.shape) for k, v in pruner.model.state_dict().items()},
+            "weights_sha256": {f.name: sha256(f) for f in sorted(tmp.glob("*.safetensors"))},
             **(extra or {}),
         }
         (tmp / STRUCTURE_FILE).write_text(json.dumps(meta, indent=1))
@@ -111,6 +113,28 @@ def _model_class(meta: dict[str, Any]) -> type:
         if cls is not None:
             return cls
     return transformers.AutoModel
+
+
+def sha256(file: Path) -> str:
+    digest = hashlib.sha256()
+    with file.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_checksums(path: Path, meta: dict[str, Any]) -> None:
+    """Weights whose shapes fit can still have been edited, or copied from another compaction of
+    the same model that kept the same widths: the checksums recorded at save time tell."""
+    for name, expected in (meta.get("weights_sha256") or {}).items():
+        file = path / name
+        if not file.exists():
+            raise CheckpointError(f"{file} is missing; the folder is incomplete. Re-save the model.")
+        if sha256(file) != expected:
+            raise CheckpointError(
+                f"{file} does not match the checksum recorded in {STRUCTURE_FILE} when it was saved: "
+                "it was edited, replaced or corrupted since. Re-save the model (or restore the file)."
+            )
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -152,6 +176,7 @@ def load_into(pruner: NeuroPrune, directory: str | Path, meta: dict[str, Any]) -
             f"{path} lacks weights for {len(really_missing)} tensors, e.g. {really_missing[0]!r}; "
             "the save was incomplete or the files were edited."
         )
+    _check_checksums(path, meta)
 
 
 def from_pretrained(directory: str | Path, **model_kwargs: Any) -> NeuroPrune:
