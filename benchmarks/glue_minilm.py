@@ -45,10 +45,10 @@ def machine() -> dict[str, Any]:
 
 
 def settings(args: argparse.Namespace, task: str, method: str) -> TrainSettings:
-    dense = method == "dense"
     folder = Path(args.data) / task
     return TrainSettings(
         model="minilm",
+        method=method,  # "dense": no penalties, no head removal, nothing finalised
         output_dir=str(Path(args.runs) / f"{task}-{method}"),
         train_file=str(folder / "train.jsonl"),
         validation_file=str(folder / "validation.jsonl"),
@@ -60,11 +60,10 @@ def settings(args: argparse.Namespace, task: str, method: str) -> TrainSettings:
         batch_size=args.batch_size,
         learning_rate=args.learning_rate,
         seed=args.seed,
-        alpha=0.0 if dense else args.alpha,
-        beta=0.0 if dense else args.beta,
+        alpha=args.alpha,
+        beta=args.beta,
         theta=args.theta,
-        prune_heads=not dense,
-        prune_every_steps=0 if dense else args.prune_every_steps,
+        prune_every_steps=args.prune_every_steps,
         overwrite=True,
         report_to="none",
     )

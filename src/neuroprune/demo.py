@@ -105,9 +105,9 @@ def write_splits(d: DemoSettings) -> dict[str, Path]:
 
 
 def settings_for(d: DemoSettings, method: str, paths: dict[str, Path]) -> TrainSettings:
-    dense = method == "dense"
     return TrainSettings(
         model="minilm",
+        method=method,  # "dense": no penalties, no head removal, nothing finalised
         output_dir=str(Path(d.output_dir) / method),
         train_file=str(paths["train"]),
         validation_file=str(paths["validation"]),
@@ -119,10 +119,9 @@ def settings_for(d: DemoSettings, method: str, paths: dict[str, Path]) -> TrainS
         batch_size=d.batch_size,
         learning_rate=d.learning_rate,
         seed=d.seed,
-        alpha=0.0 if dense else d.alpha,
-        beta=0.0 if dense else d.beta,
+        alpha=d.alpha,
+        beta=d.beta,
         theta=d.theta,
-        prune_heads=not dense,
         overwrite=True,
         logging_steps=25,
         report_to="none",
