@@ -36,6 +36,12 @@ def test_proximal_step_clips_at_zero():
     assert torch.equal(p.detach(), torch.tensor([0.4, -0.4, 0.0, 0.0, 0.0]))
 
 
+def test_hard_proximal_step_zeroes_without_shrinking():
+    p = torch.nn.Parameter(torch.tensor([0.5, -0.5, 0.05, -0.05, 0.0]))
+    proximal_step(p.abs().sum(), [p], lr=0.1, hard=True)
+    assert torch.equal(p.detach(), torch.tensor([0.5, -0.5, 0.0, 0.0, 0.0]))
+
+
 def test_magnitude_mask_keeps_largest():
     mat = torch.tensor([[0.3, -0.1, 0.0], [2.0, -0.05, 0.2]])
     keep = magnitude_mask(mat, 0.5)

@@ -92,6 +92,10 @@ class SparsityTarget:
             above the scheduled target, so surviving weights are not shrunk beyond what the target
             needs and recover during the hold phase. False: the penalty acts every step and the
             controller alone balances it against the optimiser reviving weights.
+        step: "soft" (default): the proximal step shrinks every weight by lr * dR/dw and zeroes
+            those it takes across zero. "hard": it only zeroes those, leaving the survivors
+            unshrunk (the penalty's gradient then sets a per-weight threshold: low-degree MLP rows
+            and weak attention input groups have the highest).
     """
 
     sparsity: float
@@ -103,6 +107,7 @@ class SparsityTarget:
     min_scale: float = 1e-4
     max_scale: float = 1e8
     hold: bool = True
+    step: str = "soft"
 
     def __post_init__(self) -> None:
         s = self.sparsity
@@ -114,6 +119,8 @@ class SparsityTarget:
             raise ConfigError(
                 f"need 0 <= ramp_begin <= ramp_end <= 1, got {self.ramp_begin} and {self.ramp_end}."
             )
+        if self.step not in ("soft", "hard"):
+            raise ConfigError(f"proximal step must be 'soft' or 'hard', got {self.step!r}.")
         if self.kp < 0 or self.ki <= 0 or self.max_rate <= 0 or not 0 < self.min_scale < self.max_scale:
             raise ConfigError(
                 "controller gains must be kp >= 0, ki > 0, max_rate > 0 and 0 < min_scale < max_scale."

@@ -161,7 +161,9 @@ class PenaltyMethod(ScheduledMethod):
             if active:
                 lr = self.optimizer.param_groups[0]["lr"] if self.optimizer is not None else 1.0
                 penalties = self.part_penalties()
-                proximal_step(sum(penalties[p.name] for p in active), matrix_parameters(self.pruner), lr)
+                hard = self.target is not None and self.target.step == "hard"
+                step_penalty = sum(penalties[p.name] for p in active)
+                proximal_step(step_penalty, matrix_parameters(self.pruner), lr, hard)
         if self.controllers:
             self.counts = near_zero_by_kind(self.pruner)
             self.measured = fraction(self.counts)
@@ -352,8 +354,10 @@ class ZeroMasks:
                 param.masked_fill_(zero, 0.0)
 
 
-def proximal_step(penalty: torch.Tensor, params: list[nn.Parameter], lr: float) -> None:
-    """w <- w - lr * dR/dw, and exactly 0 where that step would cross zero (prox of l1-type R)."""
+def proximal_step(penalty: torch.Tensor, params: list[nn.Parameter], lr: float, hard: bool = False) -> None:
+    """w <- w - lr * dR/dw, and exactly 0 where that step would cross zero (prox of l1-type R).
+    `hard`: zero the weights that step would take across zero and leave the others untouched, so
+    the penalty decides *which* weights go without shrinking the ones that stay."""
     if not penalty.requires_grad:
         return
     grads = torch.autograd.grad(penalty, params, allow_unused=True)
@@ -362,5 +366,9 @@ def proximal_step(penalty: torch.Tensor, params: list[nn.Parameter], lr: float) 
             if grad is None:
                 continue
             new = param - lr * grad
-            new[new * param <= 0] = 0.0
+            crossing = new * param <= 0
+            if hard:
+                param.masked_fill_(crossing, 0.0)
+                continue
+            new[crossing] = 0.0
             param.copy_(new)
