@@ -262,10 +262,9 @@ def time_variants(name: str, variants: dict[str, torch.nn.Module], structure: di
 
 def add_peak_memory(rows: list[dict[str, Any]], variants: dict[str, torch.nn.Module],
                     args: argparse.Namespace) -> None:
-    """Peak forward memory of every row. Runs after *all* timing: it switches glibc to mmap for
-    large blocks (`_libc_return_memory`), which makes every activation a fresh, page-faulted
-    mapping and slows the small compacted models far more than the dense one."""
-    _libc_return_memory()
+    """Peak forward memory of every row. Runs after *all* timing: `peak_forward_bytes` switches
+    glibc to mmap for large blocks (`_libc_return_memory`), which makes every activation a fresh,
+    page-faulted mapping and slows the small compacted models far more than the dense one."""
     vocab = variants["dense"].config.vocab_size
     for row in rows:
         x = inputs(row["batch"], args.length, vocab)

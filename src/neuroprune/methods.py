@@ -109,19 +109,16 @@ class PenaltyMethod(ScheduledMethod):
         self.controllers = {p.name: TargetController(target) for p in self.parts} if target else {}
         self.proximal = target is not None if proximal is None else proximal
         self.scales = {p.name: 1.0 for p in self.parts}
-        self.counts: dict[str, tuple[int, int]] | None = None
-        self.measured: float | None = None
+        self.counts: dict[str, tuple[int, int]] | None = None  # near-zero counts at the last step
         self.zeros = ZeroMasks(pruner)
 
     def define_parts(self) -> list[Part]:
         kinds = MLP_KINDS | ({"o"} if self.pruner.config.output_penalty else set())
         return [Part("mlp", "alpha", frozenset(kinds)), Part("attention", "beta", ATTENTION_KINDS)]
 
-    def part_penalties(self) -> dict[str, torch.Tensor]:
-        """The weighted penalty of every part (current alpha / beta applied)."""
-        cfg, pen = self.pruner.config, self.pruner.penalties()
-        return {"mlp": cfg.alpha * (pen["mlp"] + pen.get("output", 0.0)),
-                "attention": cfg.beta * pen["attention"]}
+    def part_penalty(self, parts: list[Part]) -> torch.Tensor:
+        """The weighted penalty of `parts` only (current alpha / beta applied)."""
+        return sum(self.pruner.weighted_penalties(tuple(p.weight for p in parts)).values())
 
     def penalty(self) -> torch.Tensor:
         """The weighted penalty of the whole model."""
@@ -129,6 +126,11 @@ class PenaltyMethod(ScheduledMethod):
 
     def regularization_loss(self) -> torch.Tensor | None:
         return None if self.proximal or not any(self.base.values()) else self.penalty()
+
+    @property
+    def measured(self) -> float | None:
+        """The section 5 sparsity measured after the last step (None before the first)."""
+        return None if self.counts is None else fraction(self.counts)
 
     @property
     def holding(self) -> bool:
@@ -160,13 +162,10 @@ class PenaltyMethod(ScheduledMethod):
                 active = [p for p in self.parts if fraction(self.counts, p.kinds) < goal]
             if active:
                 lr = self.optimizer.param_groups[0]["lr"] if self.optimizer is not None else 1.0
-                penalties = self.part_penalties()
                 hard = self.target is not None and self.target.step == "hard"
-                step_penalty = sum(penalties[p.name] for p in active)
-                proximal_step(step_penalty, matrix_parameters(self.pruner), lr, hard)
+                proximal_step(self.part_penalty(active), matrix_parameters(self.pruner), lr, hard)
         if self.controllers:
             self.counts = near_zero_by_kind(self.pruner)
-            self.measured = fraction(self.counts)
             goal = self.part_target(step, self.counts)
             for part in self.parts:
                 measured = fraction(self.counts, part.kinds)
@@ -196,7 +195,7 @@ class PenaltyMethod(ScheduledMethod):
     def log_values(self, detailed: bool = False) -> dict[str, float]:
         cfg = self.pruner.config
         values = {**super().log_values(detailed), "alpha": cfg.alpha, "beta": cfg.beta}
-        if self.target is not None and self.measured is not None and self.counts is not None:
+        if self.target is not None and self.counts is not None:
             values["target_sparsity_now"] = self.overall_target(self._step)
             values["near_zero_sparsity"] = self.measured
             for part in self.parts:
@@ -236,8 +235,8 @@ class L1Method(PenaltyMethod):
     def define_parts(self) -> list[Part]:
         return [Part("all", "alpha", ALL_KINDS)]
 
-    def part_penalties(self) -> dict[str, torch.Tensor]:
-        return {"all": self.penalty()}
+    def part_penalty(self, parts: list[Part]) -> torch.Tensor:
+        return self.penalty()
 
     def penalty(self) -> torch.Tensor:
         return self.pruner.config.alpha * l1_penalty(self.pruner)

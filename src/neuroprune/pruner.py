@@ -74,19 +74,27 @@ class NeuroPrune:
             values["output"] = sum((output_penalty(u, self.config.eps) for u in self.attention), zero)
         return values
 
+    def weighted_penalties(self, weights: tuple[str, ...] = ("alpha", "beta")) -> dict[str, torch.Tensor]:
+        """The penalty each weight carries, weight applied: ``"alpha"``: alpha * sum R_MLP (+ sum
+        R_O with `output_penalty`); ``"beta"``: beta * sum R_attn. Only the weights asked for
+        are computed, and a weight that is 0 is left out."""
+        cfg = self.config
+        out: dict[str, torch.Tensor] = {}
+        if "alpha" in weights and cfg.alpha:
+            r = sum(mlp_penalty(u, cfg.eps) for u in self.mlps)
+            if cfg.output_penalty:
+                r = r + sum(output_penalty(u, cfg.eps) for u in self.attention)
+            out["alpha"] = cfg.alpha * r
+        if "beta" in weights and cfg.beta:
+            out["beta"] = cfg.beta * sum(attention_penalty(u, cfg.tiny) for u in self.attention)
+        return out
+
     def regularization_loss(self) -> torch.Tensor:
         """alpha * sum R_MLP + beta * sum R_attn (+ alpha * sum R_O with `output_penalty`), a
         differentiable scalar to add to the task loss.
         A penalty whose weight is 0 is not computed at all."""
-        cfg = self.config
-        loss = torch.zeros((), device=next(self.model.parameters()).device)
-        if cfg.alpha:
-            loss = loss + cfg.alpha * sum(mlp_penalty(u, cfg.eps) for u in self.mlps)
-            if cfg.output_penalty:
-                loss = loss + cfg.alpha * sum(output_penalty(u, cfg.eps) for u in self.attention)
-        if cfg.beta:
-            loss = loss + cfg.beta * sum(attention_penalty(u, cfg.tiny) for u in self.attention)
-        return loss
+        zero = torch.zeros((), device=next(self.model.parameters()).device)
+        return sum(self.weighted_penalties().values(), zero)
 
     # --- heads ----------------------------------------------------------------------------------
     def prune_redundant_heads(self, theta: float | None = None) -> dict[str, list[int]]:
