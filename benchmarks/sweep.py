@@ -45,8 +45,8 @@ from neuroprune.methods import METHODS, build_method
 RESULTS = Path(__file__).resolve().parent / "results" / "sweep"
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SPARSITIES = (25, 50, 70, 80, 90, 95)
-# task: (text fields, main metric, train subset, epochs). Small tasks get more epochs (method.md 3).
-# max_length covers nearly every single sentence (SST-2, CoLA) and most sentence pairs (MRPC, RTE).
+# task: text fields, main metric, train subset, epochs (small tasks get more: method.md 3) and
+# max_length (covers nearly every single sentence of SST-2 / CoLA and most MRPC / RTE pairs).
 TASKS: dict[str, dict[str, Any]] = {
     "sst2": {"fields": ("sentence",), "metric": "accuracy", "train": 4000, "epochs": 1, "max_length": 48},
     "mrpc": {"fields": ("sentence1", "sentence2"), "metric": "f1", "train": 1000, "epochs": 2,
@@ -222,6 +222,7 @@ def ensure_smollm2(out_dir: Path) -> Path:
 def run_cell(task: str, method_name: str, sparsity: int | None, args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     spec = TASKS[task]
+    length = max_length(task, args)
     train, test = task_data(task, args)
     model, tok = load_model(args.decoder, args)
     config = NeuroPruneConfig(alpha=args.alpha, beta=args.beta, theta=args.theta,
@@ -241,7 +242,7 @@ def run_cell(task: str, method_name: str, sparsity: int | None, args: argparse.N
     for epoch in range(epochs):
         model.train()
         start = time.perf_counter()
-        for batch in batches(train, spec["fields"], tok, args.batch, max_length(task, args), rng):
+        for batch in batches(train, spec["fields"], tok, args.batch, length, rng):
             loss = model(**batch).loss
             reg = method.regularization_loss()
             if reg is not None:
@@ -262,7 +263,7 @@ def run_cell(task: str, method_name: str, sparsity: int | None, args: argparse.N
     report = method.pruner.sparsity_report()
     result = per_epoch[-1]
     dense_params = sum(p.numel() for p in model.parameters())
-    probe = list(batches(test[:128], spec["fields"], tok, 64, max_length(task, args)))
+    probe = list(batches(test[:128], spec["fields"], tok, 64, length))
     before = predictions(model, probe)
     pruner = compact(method.pruner)
     agreement = float((predictions(pruner.model, probe) == before).float().mean())
@@ -286,7 +287,7 @@ def run_cell(task: str, method_name: str, sparsity: int | None, args: argparse.N
         "settings": {**{k: v for k, v in vars(args).items() if k in (
             "batch", "lr", "alpha", "beta", "theta", "prune_every", "seed", "ramp_end", "output_penalty",
             "prox")},
-            "max_length": max_length(task, args)},
+            "max_length": length},
     }
 
 
