@@ -42,6 +42,20 @@ def test_hard_proximal_step_zeroes_without_shrinking():
     assert torch.equal(p.detach(), torch.tensor([0.5, -0.5, 0.0, 0.0, 0.0]))
 
 
+def test_limited_proximal_step_stops_short_of_the_room():
+    """Entries reach eps = 1e-3 at step factors 0.79 (0.08) and 0.19 (-0.02): room for one new
+    near-zero entry shortens the step to just before the second."""
+    values = torch.tensor([0.5, -0.5, 0.08, -0.02, 0.0])
+    p = torch.nn.Parameter(values.clone())
+    c = proximal_step(p.abs().sum(), [p], lr=0.1, room=1, eps=1e-3)
+    assert c == pytest.approx(0.79, rel=1e-4)
+    assert (p.detach().abs() < 1e-3).sum() == 2  # the zero already there and -0.02
+    assert p[2] > 1e-3 and p[3] == 0.0
+    q = torch.nn.Parameter(values.clone())
+    assert proximal_step(q.abs().sum(), [q], lr=0.1, room=2, eps=1e-3) == 1.0  # room enough: full step
+    assert torch.allclose(q.detach(), torch.tensor([0.4, -0.4, 0.0, 0.0, 0.0]))
+
+
 def test_magnitude_mask_keeps_largest():
     mat = torch.tensor([[0.3, -0.1, 0.0], [2.0, -0.05, 0.2]])
     keep = magnitude_mask(mat, 0.5)

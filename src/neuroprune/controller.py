@@ -96,6 +96,14 @@ class SparsityTarget:
             those it takes across zero. "hard": it only zeroes those, leaving the survivors
             unshrunk (the penalty's gradient then sets a per-weight threshold: low-degree MLP rows
             and weak attention input groups have the highest).
+        limit_step: the proximal step never takes a part past its scheduled share of the target:
+            where the step at the current penalty weights would put more entries below eps than
+            the schedule allows at this step, it is shortened (lr times a factor c < 1, found
+            exactly from the step length at which each weight would cross eps). Why: while the
+            weights are still far from zero the integral part keeps raising the weights, and in a
+            short run the first step that reaches them removes far too much at once (SmolLM2, 25
+            steps: 60.9% at a 50% target, 93.7% at 90%). The penalty still decides which weights
+            go; the limit only decides how far one step may go.
     """
 
     sparsity: float
@@ -108,6 +116,7 @@ class SparsityTarget:
     max_scale: float = 1e8
     hold: bool = True
     step: str = "soft"
+    limit_step: bool = True
 
     def __post_init__(self) -> None:
         s = self.sparsity

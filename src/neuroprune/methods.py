@@ -20,6 +20,7 @@ training loop drives them with the same hooks the Trainer calls::
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import torch
@@ -68,6 +69,9 @@ class DenseMethod(ScheduledMethod):
 ATTENTION_KINDS = frozenset({"q", "k", "v", "qkv"})
 MLP_KINDS = frozenset({"up", "gate", "down"})
 ALL_KINDS = ATTENTION_KINDS | MLP_KINDS | {"o"}
+# A part this close below its share of the schedule holds: the limited step approaches the share
+# from below and would otherwise keep taking ever shorter steps without pausing.
+AT_TARGET = 1e-3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,14 +160,7 @@ class PenaltyMethod(ScheduledMethod):
         if self.holding:
             self.zeros.apply()
         if self.proximal:
-            active = self.parts
-            if self.holding and self.counts is not None:  # pause the parts already at target
-                goal = self.part_target(step, self.counts)
-                active = [p for p in self.parts if fraction(self.counts, p.kinds) < goal]
-            if active:
-                lr = self.optimizer.param_groups[0]["lr"] if self.optimizer is not None else 1.0
-                hard = self.target is not None and self.target.step == "hard"
-                proximal_step(self.part_penalty(active), matrix_parameters(self.pruner), lr, hard)
+            self.proximal_steps(step)
         if self.controllers:
             self.counts = near_zero_by_kind(self.pruner)
             goal = self.part_target(step, self.counts)
@@ -176,6 +173,25 @@ class PenaltyMethod(ScheduledMethod):
         if self.holding:
             self.zeros.record()
         return changes
+
+    def proximal_steps(self, step: int) -> None:
+        """One proximal step per part still below its share of the schedule (all parts without
+        a target), each no longer than that share allows (`SparsityTarget.limit_step`)."""
+        active = self.parts
+        if self.holding and self.counts is not None:  # pause the parts at target after the last step
+            reached = self.part_target(step, self.counts) - AT_TARGET
+            active = [p for p in self.parts if fraction(self.counts, p.kinds) < reached]
+        lr = self.optimizer.param_groups[0]["lr"] if self.optimizer is not None else 1.0
+        hard = self.target is not None and self.target.step == "hard"
+        now = near_zero_by_kind(self.pruner) if self.target is not None and self.target.limit_step else None
+        for part in active:
+            room = None
+            if now is not None:  # entries this part may still lose this step
+                zeros = sum(z for k, (z, _) in now.items() if k in part.kinds)
+                total = sum(t for k, (_, t) in now.items() if k in part.kinds)
+                room = max(0, math.floor(self.part_target(step, now) * total) - zeros)
+            params = [p for kind, p in kind_parameters(self.pruner) if kind in part.kinds]
+            proximal_step(self.part_penalty([part]), params, lr, hard, room, self.pruner.config.eps)
 
     def apply_scales(self) -> None:
         for part in self.parts:
@@ -321,16 +337,21 @@ def build_method(
     return DenseMethod(NeuroPrune(model, silent))
 
 
-def matrix_parameters(pruner: NeuroPrune) -> list[nn.Parameter]:
-    """The weight parameters behind the counted matrices (current objects: head removal
-    replaces them)."""
-    modules = []
+def kind_parameters(pruner: NeuroPrune) -> list[tuple[str, nn.Parameter]]:
+    """(matrix kind, weight parameter) behind every counted matrix (current objects: head
+    removal replaces them)."""
+    modules: list[tuple[str, nn.Module | None]] = []
     for unit in pruner.attention:
-        modules += [unit.qkv] if unit.qkv is not None else [unit.q, unit.k, unit.v]
-        modules.append(unit.o)
+        fused = [("qkv", unit.qkv)] if unit.qkv is not None else [("q", unit.q), ("k", unit.k), ("v", unit.v)]
+        modules += [*fused, ("o", unit.o)]
     for mlp in pruner.mlps:
-        modules += [m for m in (mlp.gate, mlp.up, mlp.down) if m is not None]
-    return [m.weight for m in modules]
+        modules += [("gate", mlp.gate), ("up", mlp.up), ("down", mlp.down)]
+    return [(kind, m.weight) for kind, m in modules if m is not None]
+
+
+def matrix_parameters(pruner: NeuroPrune) -> list[nn.Parameter]:
+    """The weight parameters behind the counted matrices."""
+    return [p for _, p in kind_parameters(pruner)]
 
 
 class ZeroMasks:
@@ -353,21 +374,51 @@ class ZeroMasks:
                 param.masked_fill_(zero, 0.0)
 
 
-def proximal_step(penalty: torch.Tensor, params: list[nn.Parameter], lr: float, hard: bool = False) -> None:
+def proximal_step(
+    penalty: torch.Tensor,
+    params: list[nn.Parameter],
+    lr: float,
+    hard: bool = False,
+    room: int | None = None,
+    eps: float = 0.0,
+) -> float:
     """w <- w - lr * dR/dw, and exactly 0 where that step would cross zero (prox of l1-type R).
     `hard`: zero the weights that step would take across zero and leave the others untouched, so
-    the penalty decides *which* weights go without shrinking the ones that stay."""
+    the penalty decides *which* weights go without shrinking the ones that stay.
+    `room`: at most this many entries may newly fall below `eps`; a longer step is shortened to
+    lr * c (`step_factor`). Returns c (1.0: the full step; 0.0: no step was taken)."""
     if not penalty.requires_grad:
-        return
+        return 0.0
     grads = torch.autograd.grad(penalty, params, allow_unused=True)
+    pairs = [(p, g) for p, g in zip(params, grads) if g is not None]
+    c = 1.0 if room is None else step_factor(pairs, lr, hard, room, eps)
     with torch.no_grad():
-        for param, grad in zip(params, grads):
-            if grad is None:
-                continue
-            new = param - lr * grad
+        for param, grad in pairs:
+            new = param - (lr * c) * grad
             crossing = new * param <= 0
             if hard:
                 param.masked_fill_(crossing, 0.0)
                 continue
             new[crossing] = 0.0
             param.copy_(new)
+    return c
+
+
+@torch.no_grad()
+def step_factor(pairs: list[tuple[torch.Tensor, torch.Tensor]], lr: float, hard: bool, room: int,
+                eps: float) -> float:
+    """The largest c <= 1 for which a proximal step of lr * c puts at most `room` more entries
+    below `eps`. An entry moving towards zero gets there at c = (|w| - eps) / (lr |g|) (soft step;
+    |w| / (lr |g|) for the hard one, which only zeroes what crosses): c stops just short of the
+    (room + 1)-th smallest of these."""
+    reach = []
+    for param, grad in pairs:
+        size = param.abs()
+        moving = (param * grad > 0) & (size >= eps)
+        distance = size[moving] if hard else size[moving] - eps
+        t = distance / (lr * grad.abs()[moving])
+        reach.append(t[t <= 1])
+    candidates = torch.cat(reach) if reach else torch.zeros(0)
+    if candidates.numel() <= room:
+        return 1.0
+    return float(torch.kthvalue(candidates, room + 1).values) * (1 - 1e-6)
