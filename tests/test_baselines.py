@@ -134,6 +134,22 @@ def test_build_method_errors(name, target, message):
     assert "neuroprune" in METHODS
 
 
+@pytest.mark.parametrize(
+    ("name", "target", "heads", "message"),
+    [
+        ("l1", 0.5, 4, "removes no heads"),
+        ("neuroprune", None, 4, "needs --target-sparsity"),
+        ("neuroprune", 0.5, 9, "out of range"),
+        ("neuroprune", 0.5, 1, "out of range"),  # 2 blocks: at least one head each
+        ("neuroprune", 0.1, 2, "more than the target sparsity"),
+        ("neuroprune", 0.5, 0, "positive whole number"),
+    ],
+)
+def test_target_heads_errors(name, target, heads, message):
+    with pytest.raises(ConfigError, match=message):
+        build_method(name, tiny_model("bert"), target_sparsity=target, target_heads=heads)
+
+
 def test_cli_method_and_target_recorded(tmp_path):
     model = textdata.model_folder(tmp_path / "model", "bert")
     files = textdata.splits(tmp_path / "data", textdata.sentiment_rows, sizes=(64, 8))
@@ -147,6 +163,14 @@ def test_cli_method_and_target_recorded(tmp_path):
     assert sparsity["achieved_sparsity"] == sparsity["sparsity"] == pytest.approx(0.6, abs=0.01)
     final = json.loads((out / "metrics.json").read_text())[-1]
     assert final["target_sparsity"] == 0.6 and final["achieved_sparsity"] == sparsity["sparsity"]
+    out = tmp_path / "heads"
+    assert main([*common, "--output-dir", str(out), "--method", "neuroprune", "--target-sparsity", "0.5",
+                 "--target-heads", "5"]) == 0
+    sparsity = json.loads((out / "sparsity.json").read_text())
+    # at or just above: one more edge in the similarity graph can make a pass remove two heads
+    assert sparsity["target_heads"] == 5 and 5 <= sparsity["heads_kept"] <= 6
     out = tmp_path / "bad"
     assert main([*common, "--output-dir", str(out), "--method", "gmp"]) == 2
+    assert main([*common, "--output-dir", str(out), "--method", "l1", "--target-sparsity", "0.5",
+                 "--target-heads", "4"]) == 2
     assert main([*common, "--output-dir", str(out), "--method", "l1", "--target-sparsity", "90"]) == 2

@@ -3,6 +3,8 @@ training run on a tiny model to within 2 points of the target."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
@@ -110,6 +112,38 @@ def test_short_run_does_not_overshoot_the_schedule(name, target):
     assert over <= 0.005 and abs(report.sparsity - target) <= 0.005, (over, report.sparsity)
     _, unlimited = train_tiny(name, SparsityTarget(target, limit_step=False), epochs=2)
     assert unlimited.sparsity - target > 0.02  # what the limit is for
+
+
+@pytest.mark.parametrize("heads", [2, 5])
+def test_target_number_of_heads_is_reached_with_the_sparsity(heads):
+    """8 heads in all; theta is steered pass by pass, the sparsity controller makes up for the
+    zeros the removed heads bring."""
+    method, report = train_tiny("neuroprune", SparsityTarget(0.6, heads=heads))
+    assert report.heads_kept == heads and report.heads_total == 8
+    assert abs(report.sparsity - 0.6) <= 0.02, report.sparsity
+    assert method.summary()["target_heads"] == heads and method.summary()["heads_kept"] == heads
+    thetas = {h["theta"] for h in method.pruner.history}
+    assert len(method.pruner.history) >= 2 and len(thetas) >= 2  # several passes, theta moved
+
+
+def test_theta_for_heads_is_the_largest_that_keeps_enough():
+    torch.manual_seed(0)
+    pruner = NeuroPrune(tiny_model("bert"), NeuroPruneConfig())
+    with torch.no_grad():  # make heads 1 and 2 of the first block near copies of head 0
+        q, k, v = pruner.attention[0].qkv_matrices()
+        for m in (q, k, v):
+            m[8:16] = m[0:8] + 0.01
+            m[16:24] = m[0:8] - 0.02
+
+    def kept_after(theta):
+        trial = NeuroPrune(copy.deepcopy(pruner.model), NeuroPruneConfig())
+        trial.prune_redundant_heads(theta)
+        return trial.sparsity_report().heads_kept
+
+    theta = pruner.theta_for_heads(7)  # 0.01 merges head 1; the next distance, 0.02, also head 2
+    assert theta == pytest.approx(0.01, abs=1e-6) and kept_after(theta) == 7 and kept_after(0.0201) == 6
+    assert kept_after(pruner.theta_for_heads(6)) == 6  # head 0 absorbs both copies
+    assert pruner.theta_for_heads(8) < 0.01  # nothing may go: below the closest pair
 
 
 def test_each_penalty_is_steered_to_its_share_of_the_target():

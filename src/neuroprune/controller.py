@@ -104,6 +104,10 @@ class SparsityTarget:
             short run the first step that reaches them removes far too much at once (SmolLM2, 25
             steps: 60.9% at a 50% target, 93.7% at 90%). The penalty still decides which weights
             go; the limit only decides how far one step may go.
+        heads: optionally, the number of query heads to end with (NeuroPrune only). Ramped from
+            all heads to this number on the same cubic schedule; every head-pruning pass takes the
+            largest theta that keeps at least the scheduled number (`NeuroPrune.theta_for_heads`),
+            so heads go in order of redundancy and the count ends at or just above the target.
     """
 
     sparsity: float
@@ -117,6 +121,7 @@ class SparsityTarget:
     hold: bool = True
     step: str = "soft"
     limit_step: bool = True
+    heads: int | None = None
 
     def __post_init__(self) -> None:
         s = self.sparsity
@@ -128,6 +133,9 @@ class SparsityTarget:
             raise ConfigError(
                 f"need 0 <= ramp_begin <= ramp_end <= 1, got {self.ramp_begin} and {self.ramp_end}."
             )
+        h = self.heads
+        if h is not None and (isinstance(h, bool) or not isinstance(h, int) or h < 1):
+            raise ConfigError(f"target number of heads must be a positive whole number, got {h!r}.")
         if self.step not in ("soft", "hard"):
             raise ConfigError(f"proximal step must be 'soft' or 'hard', got {self.step!r}.")
         if self.kp < 0 or self.ki <= 0 or self.max_rate <= 0 or not 0 < self.min_scale < self.max_scale:

@@ -29,7 +29,7 @@ from transformers import TrainerCallback
 
 from .baselines import GradualMagnitudePruning, l1_penalty
 from .config import NeuroPruneConfig
-from .controller import SparsityTarget, TargetController, fraction, near_zero_by_kind
+from .controller import SparsityTarget, TargetController, cubic_schedule, fraction, near_zero_by_kind
 from .errors import ConfigError
 from .pruner import NeuroPrune
 from .surgery import ParamChange
@@ -72,6 +72,9 @@ ALL_KINDS = ATTENTION_KINDS | MLP_KINDS | {"o"}
 # A part this close below its share of the schedule holds: the limited step approaches the share
 # from below and would otherwise keep taking ever shorter steps without pausing.
 AT_TARGET = 1e-3
+# The head target is reached after this fraction of the sparsity ramp: zeros a head-pruning pass
+# adds cannot be taken back, so the penalties must still have room to make up for them.
+HEADS_RAMP = 0.5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,15 +147,29 @@ class PenaltyMethod(ScheduledMethod):
         """The scheduled section 5 sparsity for `step`."""
         return next(iter(self.controllers.values())).target_at(step, self.total_steps)
 
-    def part_target(self, step: int, counts: dict[str, tuple[int, int]]) -> float:
-        """The sparsity each part must reach for the whole to be at the scheduled target: matrices
-        no penalty touches (W^O for NeuroPrune by default) contribute only what heads removed."""
-        overall = self.overall_target(step)
+    def part_target(self, step: int, counts: dict[str, tuple[int, int]], part: Part | None = None) -> float:
+        """The sparsity `part` must reach for the whole to be at the scheduled target (without
+        `part`: the common share). Matrices no penalty touches (W^O for NeuroPrune by default)
+        contribute only what removed heads took from them; a part above the common share (a
+        head-pruning pass can put it there, and held zeros do not come back) counts as it is, and
+        the other parts' goals drop by its excess."""
+        def zeros_total(kinds: frozenset[str] | set[str]) -> tuple[int, int]:
+            picked = [v for k, v in counts.items() if k in kinds]
+            return sum(z for z, _ in picked), sum(t for _, t in picked)
+
         steered = set().union(*(p.kinds for p in self.parts))
-        zeros_free = sum(z for k, (z, _) in counts.items() if k not in steered)
-        total = sum(t for _, t in counts.values())
-        total_steered = sum(t for k, (_, t) in counts.items() if k in steered)
-        return min(0.999, max(0.0, (overall * total - zeros_free) / max(total_steered, 1)))
+        free_zeros, _ = zeros_total(set(counts) - steered)
+        _, total = zeros_total(set(counts))
+        needed = self.overall_target(step) * total - free_zeros
+        share = needed / max(zeros_total(steered)[1], 1)
+        goal = share
+        if part is not None:
+            for other in self.parts:
+                if other is not part:
+                    z, t = zeros_total(other.kinds)
+                    needed -= max(z, share * t)
+            goal = needed / max(zeros_total(part.kinds)[1], 1)
+        return min(0.999, max(0.0, goal))
 
     def on_step_end(self, step: int) -> list[ParamChange]:
         if self.target is not None and not self.total_steps:
@@ -163,9 +180,9 @@ class PenaltyMethod(ScheduledMethod):
             self.proximal_steps(step)
         if self.controllers:
             self.counts = near_zero_by_kind(self.pruner)
-            goal = self.part_target(step, self.counts)
             for part in self.parts:
                 measured = fraction(self.counts, part.kinds)
+                goal = self.part_target(step, self.counts, part)
                 loop = self.controllers[part.name]
                 self.scales[part.name] = loop.update(step, self.total_steps, measured, goal)
             self.apply_scales()
@@ -179,8 +196,8 @@ class PenaltyMethod(ScheduledMethod):
         a target), each no longer than that share allows (`SparsityTarget.limit_step`)."""
         active = self.parts
         if self.holding and self.counts is not None:  # pause the parts at target after the last step
-            reached = self.part_target(step, self.counts) - AT_TARGET
-            active = [p for p in self.parts if fraction(self.counts, p.kinds) < reached]
+            active = [p for p in self.parts
+                      if fraction(self.counts, p.kinds) < self.part_target(step, self.counts, p) - AT_TARGET]
         lr = self.optimizer.param_groups[0]["lr"] if self.optimizer is not None else 1.0
         hard = self.target is not None and self.target.step == "hard"
         now = near_zero_by_kind(self.pruner) if self.target is not None and self.target.limit_step else None
@@ -189,7 +206,7 @@ class PenaltyMethod(ScheduledMethod):
             if now is not None:  # entries this part may still lose this step
                 zeros = sum(z for k, (z, _) in now.items() if k in part.kinds)
                 total = sum(t for k, (_, t) in now.items() if k in part.kinds)
-                room = max(0, math.floor(self.part_target(step, now) * total) - zeros)
+                room = max(0, math.floor(self.part_target(step, now, part) * total) - zeros)
             params = [p for kind, p in kind_parameters(self.pruner) if kind in part.kinds]
             proximal_step(self.part_penalty([part]), params, lr, hard, room, self.pruner.config.eps)
 
@@ -237,9 +254,78 @@ class PenaltyMethod(ScheduledMethod):
 
 class TargetNeuroPrune(PenaltyMethod):
     """NeuroPrune (both regularisers, redundant heads removed every epoch / `prune_every_steps`),
-    with alpha and beta steered to `target` when one is given."""
+    with alpha and beta steered to `target` when one is given, and theta steered to the target
+    number of heads when the target has one (`SparsityTarget.heads`)."""
 
     name = "neuroprune"
+
+    def __init__(self, pruner: NeuroPrune, prune_every_steps: int = 0, target: SparsityTarget | None = None,
+                 proximal: bool | None = None) -> None:
+        super().__init__(pruner, prune_every_steps, target, proximal)
+        heads = target.heads if target is not None else None
+        if heads is None:
+            return
+        if not pruner.config.prune_heads:
+            raise ConfigError("a target number of heads needs head pruning: drop prune_heads=False.")
+        fewest = sum(u.group_size for u in pruner.attention)  # one head (key/value group) per block
+        most = sum(u.original_heads for u in pruner.attention)
+        if not fewest <= heads <= most:
+            raise ConfigError(
+                f"target number of heads {heads} is out of range for this model: it has {most} heads "
+                f"in {len(pruner.attention)} attention blocks, and every block keeps at least one "
+                f"({fewest} in all)."
+            )
+        attention = sum(sum(u.original_numel.values()) for u in pruner.attention)
+        counted = attention + sum(sum(m.original_numel.values()) for m in pruner.mlps)
+        implied = (1 - heads / most) * attention / counted
+        if implied > target.sparsity + 0.02:
+            raise ConfigError(
+                f"keeping {heads} of {most} heads removes {implied:.1%} of the counted weights by "
+                f"itself, more than the target sparsity {target.sparsity:.1%}: ask for more heads "
+                "or a higher sparsity."
+            )
+
+    def on_train_begin(self, total_steps: int, optimizer: torch.optim.Optimizer | None) -> None:
+        super().on_train_begin(total_steps, optimizer)
+        t = self.target
+        if t is not None and t.heads is not None and not self.prune_every_steps:
+            # passes at epoch ends only would fall after the head ramp: ~10 passes inside it
+            ramp_steps = HEADS_RAMP * (t.ramp_end - t.ramp_begin) * total_steps
+            self.prune_every_steps = max(1, round(ramp_steps / 10))
+
+    def heads_target(self, step: int) -> int | None:
+        """The scheduled number of heads for `step` (None without a head target)."""
+        if self.target is None or self.target.heads is None:
+            return None
+        t = self.target
+        total = sum(u.original_heads for u in self.pruner.attention)
+        end = t.ramp_begin + HEADS_RAMP * (t.ramp_end - t.ramp_begin)
+        scheduled = cubic_schedule(step, self.total_steps, t.heads, total, t.ramp_begin, end)
+        return math.ceil(scheduled - 1e-9)
+
+    def _prune(self) -> list[ParamChange]:
+        goal = self.heads_target(self._step)
+        if goal is not None:
+            theta = self.pruner.theta_for_heads(goal)
+            if theta is None:  # only identical heads could go, and even they are too many
+                self._pruned_at = self._step
+                return []
+            self.pruner.config.theta = theta
+        return super()._prune()
+
+    def log_values(self, detailed: bool = False) -> dict[str, float]:
+        values = super().log_values(detailed)
+        goal = self.heads_target(self._step)
+        if goal is not None:
+            values.update(target_heads_now=goal, theta=self.pruner.config.theta)
+        return values
+
+    def summary(self) -> dict[str, Any]:
+        out = super().summary()
+        if self.target is not None and self.target.heads is not None:
+            report = self.pruner.sparsity_report()
+            out.update(target_heads=self.target.heads, heads_kept=report.heads_kept)
+        return out
 
 
 class L1Method(PenaltyMethod):
@@ -296,12 +382,19 @@ class ScheduleCallback(TrainerCallback):
         self.method.on_train_begin(state.max_steps, getattr(optimizer, "optimizer", optimizer))
 
 
-def check_method(name: str, target_sparsity: float | None) -> None:
-    """Validate `--method` / `--target-sparsity` before any model is loaded."""
+def check_method(name: str, target_sparsity: float | None, target_heads: int | None = None) -> None:
+    """Validate `--method` / `--target-sparsity` / `--target-heads` before any model is loaded."""
     if name not in METHODS:
         raise ConfigError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}.")
+    if target_heads is not None:
+        if name != "neuroprune":
+            raise ConfigError(
+                f"--target-heads steers NeuroPrune's head pruning; --method {name} removes no heads."
+            )
+        if target_sparsity is None:
+            raise ConfigError("--target-heads needs --target-sparsity too (the heads ramp with it).")
     if target_sparsity is not None:
-        SparsityTarget(target_sparsity)
+        SparsityTarget(target_sparsity, heads=target_heads)
     if name == "gmp" and target_sparsity is None:
         raise ConfigError("--method gmp needs --target-sparsity (the sparsity to prune to).")
     if name == "dense" and target_sparsity is not None:
@@ -314,18 +407,23 @@ def build_method(
     config: NeuroPruneConfig | None = None,
     target_sparsity: float | SparsityTarget | None = None,
     prune_every_steps: int = 0,
+    target_heads: int | None = None,
     **kwargs: Any,
 ) -> ScheduledMethod:
     """The method `name` (one of `METHODS`) on `model`. `target_sparsity` (a fraction, or a
     `SparsityTarget` with its schedule and gains) switches on the controller for neuroprune / l1
-    and is required by gmp. Extra keyword arguments go to the
+    and is required by gmp; `target_heads` (neuroprune) also steers theta to that number of
+    heads. Extra keyword arguments go to the
     method (`proximal` for neuroprune / l1, `interval` for gmp). `config` is copied: the
-    controller rewrites alpha and beta as it goes."""
+    controller rewrites alpha, beta (and theta) as it goes."""
     settings = target_sparsity if isinstance(target_sparsity, SparsityTarget) else None
     level = settings.sparsity if settings is not None else target_sparsity
-    check_method(name, level)
+    if settings is not None and target_heads is not None:
+        settings = dataclasses.replace(settings, heads=target_heads)
+    heads = settings.heads if settings is not None else target_heads
+    check_method(name, level, heads)
     config = dataclasses.replace(config or NeuroPruneConfig())
-    target = settings or (SparsityTarget(level) if level is not None else None)
+    target = settings or (SparsityTarget(level, heads=heads) if level is not None else None)
     if name == "neuroprune":
         return TargetNeuroPrune(NeuroPrune(model, config), prune_every_steps, target, **kwargs)
     if name == "l1":

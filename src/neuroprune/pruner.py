@@ -16,7 +16,7 @@ from .architectures import discover
 from .compaction import compaction_structure, restore_compaction
 from .config import NeuroPruneConfig
 from .errors import NeuroPruneError
-from .heads import prune_unit
+from .heads import group_distances, prune_unit, redundant_groups, similarity_graph
 from .penalties import attention_penalty, mlp_penalty, output_penalty
 from .sparsity import SparsityReport, report
 from .surgery import ParamChange
@@ -116,6 +116,30 @@ class NeuroPrune:
                 self.last_changes += changes
         self.passes += 1
         return removed
+
+    @torch.no_grad()
+    def theta_for_heads(self, heads: int) -> float | None:
+        """The largest theta at which one `prune_redundant_heads` pass would leave at least
+        `heads` query heads in the model (None: even theta = 0, identical heads only, leaves
+        fewer). What a pass removes changes only where theta crosses a pairwise distance, so
+        those distances are the candidates, bisected: larger theta keeps fewer heads (the greedy
+        can break this order; the theta returned still keeps at least `heads`)."""
+        units = [(u, u.group_blocks()) for u in self.attention]
+        dists = [(u, b, group_distances(b)) for u, b in units]
+
+        def kept(theta: float) -> int:
+            return sum((u.num_kv_heads - len(redundant_groups(similarity_graph(b, theta, d)))) * u.group_size
+                       for u, b, d in dists)
+
+        pairs = [d[torch.triu(torch.ones_like(d, dtype=torch.bool), 1)] for _, _, d in dists]
+        candidates = sorted({0.0, *torch.cat(pairs).tolist()}) if pairs else [0.0]
+        if kept(candidates[0]) < heads:
+            return None
+        lo, hi = 0, len(candidates) - 1
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if kept(candidates[mid]) >= heads else (lo, mid - 1)
+        return candidates[lo]
 
     def head_structure(self) -> dict[str, list[int]]:
         """Original indices of the key/value groups each block still has (for checkpoints)."""

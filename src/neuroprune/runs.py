@@ -78,6 +78,7 @@ class TrainSettings:
     output_penalty: bool = False  # also penalise W^O (not in the paper; helps high targets)
     method: str = "neuroprune"  # neuroprune, l1, gmp or dense (neuroprune.methods)
     target_sparsity: float | None = None  # fraction; alpha / beta are then steered to reach it
+    target_heads: int | None = None  # neuroprune: theta steered to end with this many heads
     save_steps: int = 0  # 0: checkpoint at the end of every epoch
     logging_steps: int = 50
     generation_max_length: int = 128
@@ -117,7 +118,7 @@ class TrainSettings:
         if self.task is not None and self.task not in KINDS:
             raise ConfigError(f"task={self.task!r} is not one of {', '.join(KINDS)}.")
         self.neuroprune_config()
-        check_method(self.method, self.target_sparsity)
+        check_method(self.method, self.target_sparsity, self.target_heads)
 
     def neuroprune_config(self) -> NeuroPruneConfig:
         return NeuroPruneConfig(
@@ -455,7 +456,8 @@ def train_run(s: TrainSettings, callbacks: list | None = None, quiet: bool = Fal
     transformers.set_seed(s.seed)
     splits, task, fields = prepare_data(s)
     model, tokenizer = load_model(s.model, task)
-    method = build_method(s.method, model, s.neuroprune_config(), s.target_sparsity, s.prune_every_steps)
+    method = build_method(s.method, model, s.neuroprune_config(), s.target_sparsity, s.prune_every_steps,
+                          target_heads=s.target_heads)
     pruner = method.pruner
     encoded = encode(
         splits,

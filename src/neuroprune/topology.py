@@ -14,7 +14,7 @@ import networkx as nx
 import numpy as np
 import torch
 
-from .heads import find_dominating, output_importance, resolve_survivors, similarity_graph
+from .heads import output_importance, redundant_groups, similarity_graph
 from .sparsity import DegreeStats, neuron_degrees
 from .units import AttentionUnit, MLPUnit
 
@@ -263,7 +263,7 @@ def graph_from_event(event: dict[str, Any], theta: float) -> HeadGraph:
 def graph_from_weights(unit: AttentionUnit, theta: float) -> HeadGraph:
     """The graph of the heads a block has now, with what FIND_DOMINATING would keep (no surgery)."""
     sim = similarity_graph(unit.group_blocks(), theta)
-    survivors = resolve_survivors(find_dominating(sim))
+    survivors = redundant_groups(sim)
     groups = list(unit.kept_groups)
     return _graph(
         unit.name,

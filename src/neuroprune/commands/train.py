@@ -54,6 +54,8 @@ HELP = {
     "method": "neuroprune, l1 (plain l1, no head pruning), gmp (gradual magnitude pruning) or dense",
     "target_sparsity": "ask for a sparsity (fraction, e.g. 0.9): alpha and beta are steered to it during "
     "training (neuroprune, l1); the final sparsity for gmp",
+    "target_heads": "neuroprune with --target-sparsity: end with this many attention heads (theta is "
+    "steered; head-pruning passes every few steps unless --prune-every-steps is given)",
     "save_steps": "checkpoint every N steps (0: at the end of every epoch)",
     "logging_steps": "log loss, penalties and sparsity every N steps",
     "generation_max_length": "seq2seq: longest generated output during evaluation",
