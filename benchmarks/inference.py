@@ -36,7 +36,7 @@ Usage::
 
     .venv/bin/python benchmarks/inference.py            # writes benchmarks/results/inference.{json,md}
     .venv/bin/python benchmarks/inference.py --quick    # smoke run (few repeats, small batch)
-    .venv/bin/python benchmarks/inference.py --part models --compile   # + torch.compile rows; keeps the rule table
+    .venv/bin/python benchmarks/inference.py --part models --compile   # + torch.compile; keeps the rule table
 """
 
 from __future__ import annotations
