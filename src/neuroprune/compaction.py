@@ -75,6 +75,15 @@ class CompactionRule:
 
 # --- surgery with a gathered input or a scattered output --------------------------------------
 
+def select_last(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """`x[..., index]` through a 2-D view of `x`: on CPU, `index_select` on the last dimension of
+    a (batch, sequence, hidden) tensor ran ~10x slower than on its (tokens, hidden) view (1.6 vs
+    0.16 ms for 4096 x 384 -> 77), which was ~5% of a 90%-compacted MiniLM's forward pass."""
+    if x.dim() <= 2:
+        return x.index_select(-1, index)
+    return x.reshape(-1, x.shape[-1]).index_select(1, index).view(*x.shape[:-1], index.numel())
+
+
 class SharedGather:
     """The gathered input of the q, k and v projections of one block, computed once: they are
     called one after the other on the same tensor, so the second and third reuse the first's
@@ -92,7 +101,7 @@ class SharedGather:
             if not self.left:
                 self.source = self.value = None
             return value
-        value = x.index_select(-1, index)
+        value = select_last(x, index)
         self.source, self.value, self.left = (x, value, self.users - 1) if self.users > 1 else (None, None, 0)
         return value
 
@@ -100,7 +109,7 @@ class SharedGather:
 def _gather_input(module: nn.Module, args: tuple) -> tuple:
     index = getattr(module, INPUT_INDEX)
     shared = getattr(module, SHARED_GATHER, None)
-    gathered = shared(args[0], index) if shared is not None else args[0].index_select(-1, index)
+    gathered = shared(args[0], index) if shared is not None else select_last(args[0], index)
     return (gathered, *args[1:])
 
 
