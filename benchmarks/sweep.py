@@ -425,7 +425,7 @@ def planned_cells(args: argparse.Namespace) -> list[tuple[str, str, int | None]]
     if args.decoder and not (args.method or args.sparsity):
         return DECODER_CELLS
     cells = []
-    for task in args.task or list(TASKS):
+    for task in args.task or (["sst2"] if args.decoder else list(TASKS)):  # the decoder part is SST-2
         for method in args.method or list(METHODS):
             for sparsity in ([None] if method == "dense" else args.sparsity or list(SPARSITIES)):
                 cells.append((task, method, sparsity))
