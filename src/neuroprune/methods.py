@@ -153,22 +153,18 @@ class PenaltyMethod(ScheduledMethod):
         contribute only what removed heads took from them; a part above the common share (a
         head-pruning pass can put it there, and held zeros do not come back) counts as it is, and
         the other parts' goals drop by its excess."""
-        def zeros_total(kinds: frozenset[str] | set[str]) -> tuple[int, int]:
-            picked = [v for k, v in counts.items() if k in kinds]
-            return sum(z for z, _ in picked), sum(t for _, t in picked)
-
         steered = set().union(*(p.kinds for p in self.parts))
-        free_zeros, _ = zeros_total(set(counts) - steered)
-        _, total = zeros_total(set(counts))
+        free_zeros, _ = count_of(counts, set(counts) - steered)
+        _, total = count_of(counts, set(counts))
         needed = self.overall_target(step) * total - free_zeros
-        share = needed / max(zeros_total(steered)[1], 1)
+        share = needed / max(count_of(counts, steered)[1], 1)
         goal = share
         if part is not None:
             for other in self.parts:
                 if other is not part:
-                    z, t = zeros_total(other.kinds)
+                    z, t = count_of(counts, other.kinds)
                     needed -= max(z, share * t)
-            goal = needed / max(zeros_total(part.kinds)[1], 1)
+            goal = needed / max(count_of(counts, part.kinds)[1], 1)
         return min(0.999, max(0.0, goal))
 
     def on_step_end(self, step: int) -> list[ParamChange]:
@@ -204,8 +200,7 @@ class PenaltyMethod(ScheduledMethod):
         for part in active:
             room = None
             if now is not None:  # entries this part may still lose this step
-                zeros = sum(z for k, (z, _) in now.items() if k in part.kinds)
-                total = sum(t for k, (_, t) in now.items() if k in part.kinds)
+                zeros, total = count_of(now, part.kinds)
                 room = max(0, math.floor(self.part_target(step, now, part) * total) - zeros)
             params = [p for kind, p in kind_parameters(self.pruner) if kind in part.kinds]
             proximal_step(self.part_penalty([part]), params, lr, hard, room, self.pruner.config.eps)
@@ -433,6 +428,12 @@ def build_method(
     if name == "gmp":
         return GMPMethod(NeuroPrune(model, silent), target, **kwargs)  # type: ignore[arg-type]
     return DenseMethod(NeuroPrune(model, silent))
+
+
+def count_of(counts: dict[str, tuple[int, int]], kinds: frozenset[str] | set[str]) -> tuple[int, int]:
+    """(zeros, entries) of the matrix kinds `kinds` in `near_zero_by_kind` counts."""
+    picked = [v for k, v in counts.items() if k in kinds]
+    return sum(z for z, _ in picked), sum(t for _, t in picked)
 
 
 def kind_parameters(pruner: NeuroPrune) -> list[tuple[str, nn.Parameter]]:
