@@ -92,6 +92,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--limit-step", action=argparse.BooleanOptionalAction, default=True,
                    help="no proximal step past the schedule (SparsityTarget.limit_step); cells "
                         "without this setting recorded ran before it existed, i.e. without")
+    p.add_argument("--target-heads", type=int,
+                   help="NeuroPrune cells also end with this many heads (SparsityTarget.heads); use --out")
     p.add_argument("--theta", type=float, default=0.15)
     p.add_argument("--prune-every", type=int, default=20, help="head-pruning pass every N steps")
     p.add_argument("--latency-runs", type=int, default=3)
@@ -230,8 +232,9 @@ def run_cell(task: str, method_name: str, sparsity: int | None, args: argparse.N
     model, tok = load_model(args.decoder, args)
     config = NeuroPruneConfig(alpha=args.alpha, beta=args.beta, theta=args.theta,
                               output_penalty=args.output_penalty)
+    heads = args.target_heads if method_name == "neuroprune" else None
     target = (SparsityTarget(sparsity / 100, ramp_end=args.ramp_end, step=args.prox,
-                             limit_step=args.limit_step)
+                             limit_step=args.limit_step, heads=heads)
               if sparsity is not None else None)
     kwargs = {"prune_every_steps": args.prune_every} if method_name == "neuroprune" else {}
     method = build_method(method_name, model, config, target, **kwargs)
@@ -290,7 +293,7 @@ def run_cell(task: str, method_name: str, sparsity: int | None, args: argparse.N
         "controller": {name: loop.history[::5] for name, loop in getattr(method, "controllers", {}).items()},
         "settings": {**{k: v for k, v in vars(args).items() if k in (
             "batch", "lr", "alpha", "beta", "theta", "prune_every", "seed", "ramp_end", "output_penalty",
-            "prox", "limit_step")},
+            "prox", "limit_step", "target_heads")},
             "max_length": length},
     }
 
