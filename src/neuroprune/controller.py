@@ -62,11 +62,18 @@ def near_zero_by_kind(pruner: NeuroPrune) -> dict[str, tuple[int, int]]:
     return counts
 
 
-def fraction(counts: dict[str, tuple[int, int]], kinds: set[str] | None = None) -> float:
-    """Zeros over entries of the matrix kinds `kinds` (all when None)."""
+def count_of(
+    counts: dict[str, tuple[int, int]], kinds: set[str] | frozenset[str] | None = None
+) -> tuple[int, int]:
+    """(zeros, entries) of the matrix kinds `kinds` (all when None) in `near_zero_by_kind` counts."""
     picked = [v for k, v in counts.items() if kinds is None or k in kinds]
-    total = sum(t for _, t in picked)
-    return sum(z for z, _ in picked) / total if total else 0.0
+    return sum(z for z, _ in picked), sum(t for _, t in picked)
+
+
+def fraction(counts: dict[str, tuple[int, int]], kinds: set[str] | frozenset[str] | None = None) -> float:
+    """Zeros over entries of the matrix kinds `kinds` (all when None)."""
+    zeros, total = count_of(counts, kinds)
+    return zeros / total if total else 0.0
 
 
 def near_zero_sparsity(pruner: NeuroPrune) -> float:

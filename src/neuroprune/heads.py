@@ -19,10 +19,13 @@ def group_distances(blocks: torch.Tensor) -> torch.Tensor:
     return torch.cdist(blocks, blocks, p=float("inf"))
 
 
-def similarity_graph(blocks: torch.Tensor, theta: float, dist: torch.Tensor | None = None) -> torch.Tensor:
-    """S[i, j] = 1 iff max |A_Hi - A_Hj| <= theta (l_inf distance of parameter blocks); S_ii = 1.
-    `dist`: the distances of `blocks` if already computed."""
-    dist = group_distances(blocks) if dist is None else dist
+def similarity_graph(blocks: torch.Tensor, theta: float) -> torch.Tensor:
+    """S[i, j] = 1 iff max |A_Hi - A_Hj| <= theta (l_inf distance of parameter blocks); S_ii = 1."""
+    return similarity_from_distances(group_distances(blocks), theta)
+
+
+def similarity_from_distances(dist: torch.Tensor, theta: float) -> torch.Tensor:
+    """`similarity_graph` from the blocks' `group_distances` (computed once, thresholded often)."""
     sim = (dist <= theta).to(torch.int64)
     sim.fill_diagonal_(1)
     return sim

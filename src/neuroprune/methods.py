@@ -29,7 +29,14 @@ from transformers import TrainerCallback
 
 from .baselines import GradualMagnitudePruning, l1_penalty
 from .config import NeuroPruneConfig
-from .controller import SparsityTarget, TargetController, cubic_schedule, fraction, near_zero_by_kind
+from .controller import (
+    SparsityTarget,
+    TargetController,
+    count_of,
+    cubic_schedule,
+    fraction,
+    near_zero_by_kind,
+)
 from .errors import ConfigError
 from .pruner import NeuroPrune
 from .surgery import ParamChange
@@ -155,7 +162,7 @@ class PenaltyMethod(ScheduledMethod):
         the other parts' goals drop by its excess."""
         steered = set().union(*(p.kinds for p in self.parts))
         free_zeros, _ = count_of(counts, set(counts) - steered)
-        _, total = count_of(counts, set(counts))
+        _, total = count_of(counts)
         needed = self.overall_target(step) * total - free_zeros
         share = needed / max(count_of(counts, steered)[1], 1)
         goal = share
@@ -428,12 +435,6 @@ def build_method(
     if name == "gmp":
         return GMPMethod(NeuroPrune(model, silent), target, **kwargs)  # type: ignore[arg-type]
     return DenseMethod(NeuroPrune(model, silent))
-
-
-def count_of(counts: dict[str, tuple[int, int]], kinds: frozenset[str] | set[str]) -> tuple[int, int]:
-    """(zeros, entries) of the matrix kinds `kinds` in `near_zero_by_kind` counts."""
-    picked = [v for k, v in counts.items() if k in kinds]
-    return sum(z for z, _ in picked), sum(t for _, t in picked)
 
 
 def kind_parameters(pruner: NeuroPrune) -> list[tuple[str, nn.Parameter]]:

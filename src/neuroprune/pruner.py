@@ -16,7 +16,7 @@ from .architectures import discover
 from .compaction import compaction_structure, restore_compaction
 from .config import NeuroPruneConfig
 from .errors import NeuroPruneError
-from .heads import group_distances, prune_unit, redundant_groups, similarity_graph
+from .heads import group_distances, prune_unit, redundant_groups, similarity_from_distances
 from .penalties import attention_penalty, mlp_penalty, output_penalty
 from .sparsity import SparsityReport, report
 from .surgery import ParamChange
@@ -124,14 +124,13 @@ class NeuroPrune:
         fewer). What a pass removes changes only where theta crosses a pairwise distance, so
         those distances are the candidates, bisected: larger theta keeps fewer heads (the greedy
         can break this order; the theta returned still keeps at least `heads`)."""
-        units = [(u, u.group_blocks()) for u in self.attention]
-        dists = [(u, b, group_distances(b)) for u, b in units]
+        dists = [(u, group_distances(u.group_blocks())) for u in self.attention]
 
         def kept(theta: float) -> int:
-            return sum((u.num_kv_heads - len(redundant_groups(similarity_graph(b, theta, d)))) * u.group_size
-                       for u, b, d in dists)
+            removed = [(u, len(redundant_groups(similarity_from_distances(d, theta)))) for u, d in dists]
+            return sum((u.num_kv_heads - r) * u.group_size for u, r in removed)
 
-        pairs = [d[torch.triu(torch.ones_like(d, dtype=torch.bool), 1)] for _, _, d in dists]
+        pairs = [d[torch.triu(torch.ones_like(d, dtype=torch.bool), 1)] for _, d in dists]
         candidates = sorted({0.0, *torch.cat(pairs).tolist()}) if pairs else [0.0]
         if kept(candidates[0]) < heads:
             return None
