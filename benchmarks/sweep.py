@@ -321,8 +321,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"transformers {m['transformers']}, neuroprune {m['neuroprune']} @ {m['git_commit']}.", "",
         "Sparsity: section 5 measure (regularised matrices of all blocks, against dense shapes), after "
         "finalize. Latency: compacted model, median of batch 32 x 128 tokens. Train time: the "
-        "training loop only (no evaluation). * = NeuroPrune / l1 cell run before the step limit "
-        "(`SparsityTarget.limit_step`) existed.", "",
+        "training loop only (no evaluation).", "",
         "| model | task | method | target % | metric | achieved % | heads left | train s | epochs "
         "| latency ms/example | params (M) | load avg |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -331,7 +330,7 @@ def markdown(result: dict[str, Any]) -> str:
     for c in sorted(result["cells"], key=lambda c: (c["model"], c["task"], c["target_sparsity"] or 0,
                                                      order[c["method"]])):
         lines.append(
-            f"| {c['model']} | {c['task']} | {c['method']}{'*' if unlimited(c) else ''} "
+            f"| {c['model']} | {c['task']} | {c['method']} "
             f"| {c['target_sparsity'] or '-'} "
             f"| {c['metric_name']} {c['metric']:.2f} | {c['achieved_sparsity']:.1f} "
             f"| {c['heads_kept_compacted']}/{c['heads_total']} | {c['train_wall_clock_s']:.0f} "
@@ -340,11 +339,6 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {c['load']['loadavg'][0]} |"
         )
     return "\n".join(lines + goals(result["cells"])) + "\n"
-
-
-def unlimited(cell: dict[str, Any]) -> bool:
-    """A penalty-method cell from before `--limit-step` (its settings do not record it)."""
-    return cell["method"] in ("neuroprune", "l1") and not cell["settings"].get("limit_step", False)
 
 
 def goals(cells: list[dict[str, Any]]) -> list[str]:
