@@ -330,8 +330,7 @@ def markdown(result: dict[str, Any]) -> str:
     for c in sorted(result["cells"], key=lambda c: (c["model"], c["task"], c["target_sparsity"] or 0,
                                                      order[c["method"]])):
         lines.append(
-            f"| {c['model']} | {c['task']} | {c['method']} "
-            f"| {c['target_sparsity'] or '-'} "
+            f"| {c['model']} | {c['task']} | {c['method']} | {c['target_sparsity'] or '-'} "
             f"| {c['metric_name']} {c['metric']:.2f} | {c['achieved_sparsity']:.1f} "
             f"| {c['heads_kept_compacted']}/{c['heads_total']} | {c['train_wall_clock_s']:.0f} "
             f"| {c['epochs']} "
