@@ -1,0 +1,399 @@
+#!/usr/bin/env python
+"""Mutation testing of neuroprune's core modules with mutmut (run by hand, not in CI).
+
+    .venv/bin/pip install -e ".[mutation]"
+    .venv/bin/python scripts/mutation.py              # fresh run, 2 workers, OMP_NUM_THREADS=1
+    .venv/bin/python scripts/mutation.py --keep       # reuse .mutation/ (mutmut re-tests changed code only)
+    .venv/bin/python scripts/mutation.py --only 'neuroprune.heads.*'   # a subset of mutants (glob)
+    .venv/bin/python scripts/mutation.py --report-only  # rewrite the results from .mutation/
+
+What it does: copies `src/`, `tests/` and `pyproject.toml` of a commit (HEAD unless `--rev` or
+`--worktree`) into `.mutation/` (a snapshot: edits to the working tree do not leak in), adds a
+`[tool.mutmut]` section built from the lists below to that copy, runs `mutmut run` there, and
+writes the outcome of every mutant, the score and the diff of every survivor to
+`benchmarks/results/mutation.{json,md}`.
+
+mutmut 3 copies the sources to `.mutation/mutants/src` and puts that folder first on `sys.path`, so
+the tests import the mutated copy, not the editable install (`/work/main/src` stays on the path, but
+behind it). Two checks guard that: mutmut's own forced-fail run (every test must fail when the
+trampolines are told to raise), and ours after the run, which plants an obvious bug by hand in the
+copy and requires the test subset to fail on it (recorded as `planted_mutant_check`).
+
+Survivors argued equivalent live in `scripts/mutation.equivalents.json`, matched by function and
+by the changed source lines (not by mutant number, which shifts when the code above changes); the
+arguments themselves are in docs/testing.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# --- the one place to change when the core modules move (paths relative to the repository root) ---
+CORE_MODULES = [
+    "src/neuroprune/penalties.py",
+    "src/neuroprune/heads.py",
+    "src/neuroprune/units.py",
+    "src/neuroprune/surgery.py",
+    "src/neuroprune/compaction.py",
+    "src/neuroprune/controller.py",
+    "src/neuroprune/sparsity.py",
+]
+
+# The fast, unit-level tests that exercise them (no Trainer / CLI / crash tests: too slow per mutant).
+TESTS = [
+    "tests/test_penalties.py",
+    "tests/test_heads.py",
+    "tests/test_compaction.py",
+    "tests/test_controller.py",
+    "tests/test_sparsity.py",
+    "tests/test_properties.py",
+    "tests/test_architectures.py",
+    "tests/test_exactness.py",
+    "tests/test_hand_computed.py",
+    "tests/test_mutation_kills.py",
+]
+# Left out of the subset: it re-imports neuroprune in a fresh interpreter, which loads the unmutated
+# editable install (it can never kill a mutant) and costs ~4 s per mutant of compaction.py.
+DESELECT = ["tests/test_compaction.py::test_reload_in_a_fresh_process_gives_the_same_outputs"]
+
+WORK = ROOT / ".mutation"
+RESULTS = ROOT / "benchmarks" / "results"
+EQUIVALENTS = ROOT / "scripts" / "mutation.equivalents.json"
+KILLED = {"killed", "timeout", "segfault", "caught by type check"}
+
+
+def mutmut_version() -> str:
+    from importlib.metadata import version
+
+    return version("mutmut")
+
+
+def check_modules() -> None:
+    missing = [m for m in CORE_MODULES if not (WORK / m).exists()]
+    if missing:
+        raise SystemExit(f"core modules not found (update CORE_MODULES in {__file__}): {missing}")
+
+
+def tests_present() -> list[str]:
+    return [t for t in TESTS if (WORK / t).exists()]
+
+
+def toml_list(items: list[str]) -> str:
+    return "[" + ", ".join(json.dumps(i) for i in items) + "]"
+
+
+def prepare(keep: bool, rev: str | None) -> None:
+    """Snapshot src/, tests/ and pyproject.toml (of commit `rev`, or of the working tree when
+    None) into WORK and add the mutmut settings."""
+    if WORK.exists() and not keep:
+        shutil.rmtree(WORK)
+    WORK.mkdir(exist_ok=True)
+    for folder in ("src", "tests"):
+        if (WORK / folder).exists():
+            shutil.rmtree(WORK / folder)
+    if rev is None:
+        ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", "*.pyc")
+        for folder in ("src", "tests"):
+            shutil.copytree(ROOT / folder, WORK / folder, ignore=ignore)
+        shutil.copy(ROOT / "pyproject.toml", WORK / "pyproject.toml")
+    else:
+        archive = subprocess.run(
+            ["git", "archive", rev, "src", "tests", "pyproject.toml"],
+            cwd=ROOT, capture_output=True, check=True,
+        ).stdout
+        subprocess.run(["tar", "-x", "-C", str(WORK)], input=archive, check=True)
+    pyproject = (WORK / "pyproject.toml").read_text()
+    pyproject = re.sub(r"(?ms)^\[tool\.mutmut\].*?(?=^\[|\Z)", "", pyproject)  # ours wins
+    check_modules()
+    for module in CORE_MODULES:
+        path = WORK / module
+        path.write_text(undecorate(path.read_text()))
+    selection = tests_present() + [f"--deselect={d}" for d in DESELECT]
+    pyproject += (
+        "\n[tool.mutmut]\n"
+        f"source_paths = {toml_list(sorted({str(Path(m).parts[0]) for m in CORE_MODULES}))}\n"
+        f"only_mutate = {toml_list(CORE_MODULES)}\n"
+        f"pytest_add_cli_args_test_selection = {toml_list(selection)}\n"
+        'pytest_add_cli_args = ["-p", "no:cacheprovider"]\n'
+        "use_git_change_detection = false\n"
+    )
+    (WORK / "pyproject.toml").write_text(pyproject)
+
+
+def undecorate(source: str) -> str:
+    """mutmut 3 leaves every decorated function alone except @staticmethod / @classmethod, which
+    would skip `row_degree`, `keep_groups`, `compact_mlp`, ... So the snapshot (never the
+    repository) gets equivalent undecorated forms: `@torch.no_grad() def f(): body` becomes
+    `def f(): with torch.no_grad(): body`, and `@property def p(self)` becomes
+    `def prop_p(self)` followed by `p = property(prop_p)`."""
+    import libcst as cst
+    import libcst.matchers as m
+
+    no_grad = m.Decorator(decorator=m.Call(func=m.Attribute(value=m.Name("torch"), attr=m.Name("no_grad"))))
+    prop = m.Decorator(decorator=m.Name("property"))
+
+    class Undecorate(cst.CSTTransformer):
+        def leave_FunctionDef(self, original: cst.FunctionDef, updated: cst.FunctionDef):  # noqa: N802
+            if len(updated.decorators) != 1:
+                return updated
+            if m.matches(updated.decorators[0], no_grad):
+                statements = list(updated.body.body)
+                docstring = statements[:1] if updated.get_docstring() is not None else []
+                inner = cst.IndentedBlock(body=statements[len(docstring):])
+                guard = cst.With(items=[cst.WithItem(cst.parse_expression("torch.no_grad()"))], body=inner)
+                return updated.with_changes(decorators=[], body=cst.IndentedBlock(body=[*docstring, guard]))
+            if m.matches(updated.decorators[0], prop):
+                name = updated.name.value
+                getter = updated.with_changes(decorators=[], name=cst.Name(f"prop_{name}"))
+                return cst.FlattenSentinel([getter, cst.parse_statement(f"{name} = property(prop_{name})\n")])
+            return updated
+
+    return cst.parse_module(source).visit(Undecorate()).code
+
+
+def env() -> dict[str, str]:
+    e = dict(os.environ)
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        e[var] = "1"
+    e.setdefault("TOKENIZERS_PARALLELISM", "false")
+    e.setdefault("HF_HUB_OFFLINE", "1")
+    return e
+
+
+def mutmut(*args: str, check: bool = True, capture: bool = False) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "mutmut", *args]
+    return subprocess.run(cmd, cwd=WORK, env=env(), check=check, text=True, capture_output=capture)
+
+
+def planted_mutant_check() -> str:
+    """Plant an obvious bug (the group penalty returns 0) by hand in the mutated copy (every
+    variant of the function) and require the test subset, importing that copy the way mutmut's
+    workers do, to fail on it: a score means nothing if the tests import the unmutated package."""
+    src = WORK / "mutants" / CORE_MODULES[0]
+    text = src.read_text()
+    marker = "return torch.sqrt(group_l1 + tiny).sum()"
+    if marker not in text:
+        raise SystemExit(f"cannot find the line to plant a bug in ({marker!r} in {src}); update the check")
+    src.write_text(text.replace(marker, "return 0.0 * torch.sqrt(group_l1 + tiny).sum()"))
+    code = (
+        "import sys, pytest; from pathlib import Path;"
+        "sys.path.insert(0, str(Path('mutants/src').absolute()));"
+        "sys.path[:] = [p for p in sys.path if Path(p).resolve() != Path('src').resolve()];"
+        "import neuroprune.penalties as m; print('imported', m.__file__);"
+        "assert '/mutants/' in m.__file__;"
+        "sys.exit(pytest.main(['-q', '-x', '-p', 'no:cacheprovider', *sys.argv[1:]]))"
+    )
+    try:
+        run = subprocess.run(
+            [sys.executable, "-c", code, *tests_present(), *[f"--deselect={d}" for d in DESELECT]],
+            cwd=WORK, env=env(), text=True, capture_output=True,
+        )
+    finally:
+        src.write_text(text)
+    print("\n".join(run.stdout.splitlines()[-3:]))
+    if run.returncode != 1:
+        raise SystemExit(f"planted mutant NOT killed (pytest exit code {run.returncode}): the score is void")
+    print("planted mutant killed: the tests import the mutated copy")
+    return f"killed ({marker!r} -> 0.0 * ..., in {CORE_MODULES[0]})"
+
+
+def load_results() -> dict[str, dict]:
+    from mutmut.stats import status_by_exit_code
+
+    out = {}
+    for meta in sorted((WORK / "mutants").rglob("*.meta")):
+        data = json.loads(meta.read_text())
+        for name, code in data["exit_code_by_key"].items():
+            out[name] = {
+                "status": status_by_exit_code[code],
+                "exit_code": code,
+                "duration_s": round(data["durations_by_key"].get(name, 0.0), 3),
+            }
+    return out
+
+
+def mutant_diff(name: str) -> str:
+    shown = mutmut("show", name, capture=True, check=False).stdout
+    return "\n".join(line for line in shown.splitlines() if not line.startswith("# ")).strip()
+
+
+def changed_lines(diff: str) -> tuple[list[str], list[str]]:
+    old = [ln[1:].strip() for ln in diff.splitlines() if ln.startswith("-") and not ln.startswith("---")]
+    new = [ln[1:].strip() for ln in diff.splitlines() if ln.startswith("+") and not ln.startswith("+++")]
+    return old, new
+
+
+def function_of(name: str) -> str:
+    """`neuroprune.heads.x_find_dominating__mutmut_7` -> `neuroprune.heads.find_dominating`;
+    methods: `neuroprune.units.xǁAttentionUnitǁkeep_groups__mutmut_3` -> `...AttentionUnit.keep_groups`."""
+    module, _, mangled = name.rpartition(".")
+    mangled = re.sub(r"__mutmut_\d+$", "", mangled)
+    mangled = mangled[2:] if mangled.startswith("x_") else mangled
+    if mangled.startswith("xǁ"):
+        mangled = ".".join(p for p in mangled[2:].split("ǁ") if p)
+    return f"{module}.{mangled}"
+
+
+def equivalence(name: str, diff: str, known: list[dict]) -> dict | None:
+    old, new = changed_lines(diff)
+    for entry in known:
+        if entry["function"] == function_of(name) and entry["old"] == old and entry["new"] == new:
+            return entry
+    return None
+
+
+def git_commit(rev: str) -> str:
+    run = subprocess.run(["git", "rev-parse", rev], cwd=ROOT, text=True, capture_output=True)
+    return run.stdout.strip()
+
+
+def write_results(results: dict[str, dict], wall_s: float, args: argparse.Namespace, planted: str) -> dict:
+    known = json.loads(EQUIVALENTS.read_text()) if EQUIVALENTS.exists() else []
+    survivors = []
+    for name, r in results.items():
+        if r["status"] in KILLED:
+            continue
+        diff = mutant_diff(name)
+        eq = equivalence(name, diff, known)
+        r["equivalent"] = eq is not None
+        survivors.append(
+            {
+                "name": name,
+                "function": function_of(name),
+                "status": r["status"],
+                "equivalent": eq is not None,
+                "reason": eq["reason"] if eq else None,
+                "diff": diff,
+            }
+        )
+    counts: dict[str, int] = {}
+    for r in results.values():
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    equivalent = sum(s["equivalent"] for s in survivors)
+    killed = sum(counts.get(s, 0) for s in KILLED)
+    non_equivalent = len(results) - equivalent
+    per_module: dict[str, dict[str, int]] = {}
+    for name, r in results.items():
+        mod = per_module.setdefault(name.split(".x")[0], {"mutants": 0, "killed": 0, "equivalent": 0})
+        mod["mutants"] += 1
+        mod["killed"] += r["status"] in KILLED
+        mod["equivalent"] += bool(r.get("equivalent"))
+    summary = {
+        "tool": f"mutmut {mutmut_version()}",
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": git_commit(args.rev),
+        "source": "working tree" if args.worktree else f"commit {git_commit(args.rev)}",
+        "machine": {
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+            "processor": platform.processor() or platform.machine(),
+        },
+        "settings": {
+            "modules": CORE_MODULES,
+            "tests": tests_present(),
+            "deselected": DESELECT,
+            "max_children": args.max_children,
+            "only": args.only,
+            "threads": "OMP_NUM_THREADS=MKL_NUM_THREADS=OPENBLAS_NUM_THREADS=1",
+        },
+        "planted_mutant_check": planted,
+        "wall_s": round(wall_s, 1),
+        "mutants": len(results),
+        "counts": counts,
+        "killed": killed,
+        "equivalent": equivalent,
+        "survived_non_equivalent": non_equivalent - killed,
+        "score_non_equivalent": round(killed / non_equivalent, 4) if non_equivalent else None,
+        "score_raw": round(killed / len(results), 4) if results else None,
+        "per_module": per_module,
+        "survivors": survivors,
+        "outcomes": results,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "mutation.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
+    (RESULTS / "mutation.md").write_text(markdown(summary))
+    return summary
+
+
+def markdown(s: dict) -> str:
+    lines = [
+        "# Mutation testing of the core modules",
+        "",
+        f"{s['tool']}, {s['date']}, {s['source'][:17]}, {s['machine']['platform']}, "
+        f"Python {s['machine']['python']}, {s['machine']['cpus']} CPUs; "
+        f"{s['settings']['max_children']} workers, {s['settings']['threads']}; "
+        f"wall time {s['wall_s']:.0f} s.",
+        "",
+        f"Modules: {', '.join('`' + m + '`' for m in s['settings']['modules'])}.",
+        f"Tests: {', '.join('`' + t + '`' for t in s['settings']['tests'])} "
+        f"(deselected: {', '.join('`' + d + '`' for d in s['settings']['deselected'])}).",
+        f"Mutant filter: `{s['settings']['only']}`." if s["settings"]["only"] else "All their mutants.",
+        "",
+        f"**{s['mutants']} mutants: {s['killed']} killed (timeouts included), {s['equivalent']} equivalent, "
+        f"{s['survived_non_equivalent']} non-equivalent not killed. Score over non-equivalent mutants: "
+        f"{s['score_non_equivalent']:.1%}** (raw killed / all: {s['score_raw']:.1%}).",
+        "",
+        "| outcome | mutants |",
+        "|---|---|",
+        *[f"| {k} | {v} |" for k, v in sorted(s["counts"].items())],
+        "",
+        "| module | mutants | killed | equivalent |",
+        "|---|---|---|---|",
+        *[
+            f"| {m} | {v['mutants']} | {v['killed']} | {v['equivalent']} |"
+            for m, v in sorted(s["per_module"].items())
+        ],
+        "",
+        "## Not killed",
+        "",
+    ]
+    for sv in s["survivors"]:
+        verdict = f"equivalent: {sv['reason']}" if sv["equivalent"] else "**NOT KILLED**"
+        lines += [f"### `{sv['name']}` ({sv['status']})", "", verdict, "", "```diff", sv["diff"], "```", ""]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--max-children", type=int, default=2, help="mutmut worker processes (default 2)")
+    parser.add_argument("--rev", default="HEAD", help="commit whose src/, tests/ are used (HEAD)")
+    parser.add_argument("--worktree", action="store_true", help="test the working tree instead of --rev")
+    parser.add_argument("--keep", action="store_true", help="reuse .mutation/ and its earlier results")
+    parser.add_argument("--only", help="glob over mutant names, e.g. 'neuroprune.heads.*' (default: all)")
+    parser.add_argument("--report-only", action="store_true", help="rewrite the results from .mutation/")
+    args = parser.parse_args()
+    start = time.monotonic()
+    if not args.report_only:
+        prepare(args.keep, None if args.worktree else args.rev)
+        mutmut("run", f"--max-children={args.max_children}", *([args.only] if args.only else []))
+    wall = time.monotonic() - start
+    planted = planted_mutant_check()
+    results = load_results()
+    if args.only:
+        results = {n: r for n, r in results.items() if fnmatch.fnmatch(n, args.only)}
+    s = write_results(results, wall, args, planted)
+    print(
+        f"{s['mutants']} mutants: {s['killed']} killed, {s['equivalent']} equivalent, "
+        f"{s['survived_non_equivalent']} not killed; score {s['score_non_equivalent']:.1%} "
+        f"-> {RESULTS / 'mutation.md'}"
+    )
+
+
+if __name__ == "__main__":
+    main()
