@@ -3,9 +3,11 @@ function preservation for every family, and a model that keeps training and gene
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from neuroprune import NeuroPrune, NeuroPruneConfig, remap_optimizer
-from neuroprune.heads import find_dominating, resolve_survivors, similarity_graph
+from neuroprune.heads import find_dominating, redundant_groups, similarity_graph
 
 from tiny import DECODERS, FAMILIES, SEQ2SEQ, duplicate_group, main_output, tiny_inputs, tiny_model
 
@@ -34,11 +36,34 @@ def test_greedy_walk_is_the_papers_not_a_global_optimum():
 
 def test_identity_means_nothing_to_do():
     assert find_dominating(torch.eye(4, dtype=torch.int64)) == [0, 1, 2, 3]
-    assert resolve_survivors([0, 1, 2, 3]) == {}
+    assert redundant_groups(torch.eye(4, dtype=torch.int64)) == {}
 
 
-def test_chains_resolve_to_the_final_survivor():
-    assert resolve_survivors([1, 2, 2, 3]) == {0: 2, 1: 2}
+@st.composite
+def similarity_graphs(draw):
+    k = draw(st.integers(1, 10))
+    upper = draw(st.lists(st.booleans(), min_size=k * (k - 1) // 2, max_size=k * (k - 1) // 2))
+    sim = torch.eye(k, dtype=torch.int64)
+    pairs = [(a, b) for a in range(k) for b in range(a + 1, k)]
+    for (a, b), edge in zip(pairs, upper):
+        sim[a, b] = sim[b, a] = int(edge)
+    return sim
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(sim=similarity_graphs())
+def test_no_replacement_is_itself_replaced(sim):
+    """FIND_DOMINATING's j* always replaces itself (proof in `redundant_groups`), so each removed
+    head is merged once, straight into a survivor that is its neighbour and whose neighbourhood
+    contains its own."""
+    replacement = find_dominating(sim)
+    assert all(replacement[j] == j for j in replacement)
+    absorbed = redundant_groups(sim)
+    assert absorbed == {i: j for i, j in enumerate(replacement) if j != i}
+    assert set(absorbed).isdisjoint(absorbed.values())
+    rows = sim.tolist()
+    for i, j in absorbed.items():
+        assert all(b >= a for a, b in zip(rows[i], rows[j])) and rows[i][j] == 1
 
 
 def test_similarity_is_l_inf_within_theta():
