@@ -1,5 +1,5 @@
 """all-MiniLM-L6-v2 on GLUE RTE and MRPC (the copies in ../shared/data), dense fine-tuning versus
-NeuroPrune, through the same `neuroprune train` pipeline users run (`neuroprune.runs.train_run`).
+NeuroPrune, through the same `neuroprune train` pipeline users run (`neuroprune.train.train_run`).
 
 Each (task, method) is one run directory under --runs; finished runs are recorded in
 benchmarks/results/glue_minilm.json as they complete and skipped when the script is run again,
@@ -19,7 +19,10 @@ import platform
 from pathlib import Path
 from typing import Any
 
-from neuroprune.runs import TrainSettings, train_run, versions, write_json
+from neuroprune.files import write_json
+from neuroprune.run_folder import versions
+from neuroprune.settings import TrainSettings
+from neuroprune.train import train_run
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

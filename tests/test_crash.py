@@ -15,17 +15,18 @@ from transformers import TrainerCallback
 
 import textdata
 from neuroprune import cli
-from neuroprune.errors import NeuroPruneError
+from neuroprune.errors import NeuroPruneError, NonFiniteError
 from neuroprune.guards import (
     MANIFEST_FILE,
-    NonFiniteError,
     check_loss,
     check_weights,
     checkpoint_problem,
     newest_good_checkpoint,
     write_manifest,
 )
-from neuroprune.runs import RunDir, TrainSettings, train_run
+from neuroprune.run_folder import RunDir
+from neuroprune.settings import TrainSettings
+from neuroprune.train import train_run
 
 
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
@@ -94,7 +95,8 @@ KILL_AT = 9  # 6 steps per epoch: mid-epoch 2, after the epoch-1 pruning pass an
 DRIVER = """
 import json, os, signal, sys
 from transformers import TrainerCallback
-from neuroprune.runs import TrainSettings, train_run
+from neuroprune.settings import TrainSettings
+from neuroprune.train import train_run
 
 class Kill(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):

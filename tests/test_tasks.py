@@ -12,8 +12,9 @@ import torch
 
 import textdata
 from neuroprune import load
-from neuroprune.runs import TrainSettings, train_run
+from neuroprune.settings import TrainSettings
 from neuroprune.tasks import Task, classification_metrics, perplexity_metrics, seq2seq_metrics, token_nll
+from neuroprune.train import train_run
 
 
 def _run(tmp_path, family, files, **kw):

@@ -31,6 +31,9 @@ HEAD_DIM_ATTRS = ("head_dim", "attention_head_size", "key_value_proj_dim", "head
 # Attributes under which a family keeps its MLP activation function, on the MLP module or on
 # the module holding the expand projection (compaction folds constant activations of dead neurons).
 ACTIVATION_ATTRS = ("act_fn", "act", "activation_fn", "activation", "intermediate_act_fn")
+# Parts of the class names in `config.architectures` that mark a model with a generating head.
+SEQ2SEQ_CLASS_MARKS = ("ConditionalGeneration", "Seq2Seq")
+CAUSAL_LM_CLASS_MARKS = ("CausalLM", "LMHead")
 
 BiasFactory = Callable[[nn.Module, dict[str, Any], int], torch.Tensor | None]
 
@@ -297,3 +300,36 @@ def head_dim_of(core: nn.Module, model_config: Any, q_rows: int) -> int:
         f"the attributes {HEAD_DIM_ATTRS + HEAD_COUNT_ATTRS} and neither has the model config."
     )
 
+
+
+def activation_of(mlp: nn.Module, up: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """An MLP's activation function, looked up on the module holding its expand projection (path
+    `up` relative to `mlp`), then on the MLP module itself; None if the family keeps it elsewhere."""
+    parent_path = up.rpartition(".")[0]
+    for owner in (mlp.get_submodule(parent_path) if parent_path else mlp, mlp):
+        for attr in ACTIVATION_ATTRS:
+            fn = getattr(owner, attr, None)
+            if callable(fn):
+                return fn
+    return None
+
+
+# --- what a model config says about the model's head --------------------------------------------
+
+def is_encoder_decoder(model_config: Any) -> bool:
+    """Whether the model has a decoder reading an encoder (its forward then needs decoder inputs)."""
+    return bool(getattr(model_config, "is_encoder_decoder", False))
+
+
+def head_kind(model_config: Any) -> str:
+    """The task kind (`neuroprune.tasks.KINDS`) a saved model's head does, read from its config:
+    ``seq2seq`` or ``causal_lm`` for generating heads, ``regression`` for one output, else
+    ``classification``."""
+    classes = " ".join(getattr(model_config, "architectures", None) or [])
+    if is_encoder_decoder(model_config) or any(m in classes for m in SEQ2SEQ_CLASS_MARKS):
+        return "seq2seq"
+    if any(m in classes for m in CAUSAL_LM_CLASS_MARKS):
+        return "causal_lm"
+    if getattr(model_config, "problem_type", None) == "regression" or model_config.num_labels == 1:
+        return "regression"
+    return "classification"

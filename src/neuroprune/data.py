@@ -13,7 +13,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from .errors import NeuroPruneError
+from .errors import DataError
 from .tasks import Task
 
 SPLITS = ("train", "validation", "test")
@@ -60,10 +60,6 @@ SEQ2SEQ_FIELDS = (
 )
 LM_FIELDS = ("text", "content", "sentence", "document")
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv", ".txt": "tsv"}
-
-
-class DataError(NeuroPruneError):
-    """A data file or data set cannot be used as given."""
 
 
 @dataclass

@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from .errors import NeuroPruneError
-from .runs import TrainSettings, train_run, write_json
+from .files import write_json, write_text
+from .settings import TrainSettings
+from .train import train_run
 
 CORPUS = "data/rotten_tomatoes_corpus_full.csv.bz2"
 LABELS = ("rotten", "fresh")  # label ids 0 and 1
@@ -98,9 +100,7 @@ def write_splits(d: DemoSettings) -> dict[str, Path]:
     paths = {}
     for name, rows in splits.items():
         paths[name] = folder / f"{name}.jsonl"
-        tmp = paths[name].with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        tmp.replace(paths[name])
+        write_text(paths[name], "".join(json.dumps(r) + "\n" for r in rows))
     return paths
 
 

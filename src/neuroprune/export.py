@@ -8,14 +8,15 @@ forward hooks and export as `Gather` / `ScatterElements`.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .architectures import is_encoder_decoder
 from .errors import NeuroPruneError
+from .files import atomic_path
 
 INPUT_NAMES = ("input_ids", "attention_mask")
 
@@ -66,8 +67,7 @@ def export_onnx(
     With `check`, run the file in onnxruntime on inputs of another shape than the export example
     and raise `NeuroPruneError` if any output differs from PyTorch's by more than `atol`.
     """
-    config = getattr(model, "config", None)
-    if getattr(config, "is_encoder_decoder", False):
+    if is_encoder_decoder(getattr(model, "config", None)):
         raise NeuroPruneError(
             "ONNX export supports encoder models (BERT, RoBERTa, DistilBERT, MPNet ...); this is an "
             "encoder-decoder. Export its encoder, or use the PyTorch model."
@@ -78,25 +78,20 @@ def export_onnx(
     with torch.no_grad():
         output_name = "logits" if getattr(model(**probe), "logits", None) is not None else "last_hidden_state"
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     dims = {0: torch.export.Dim.DYNAMIC, 1: torch.export.Dim.DYNAMIC}
     try:
-        with torch.no_grad():
+        with torch.no_grad(), atomic_path(target) as tmp:
             program = torch.onnx.export(
                 wrapped, tuple(probe[k] for k in INPUT_NAMES), dynamo=True, opset_version=opset,
                 input_names=list(INPUT_NAMES), output_names=[output_name],
                 dynamic_shapes={k: dims for k in INPUT_NAMES}, verbose=False,
             )
-        program.save(str(tmp))
-        os.replace(tmp, target)
+            program.save(str(tmp))
     except Exception as err:  # the exporter raises many types; name the model and the cause
         raise NeuroPruneError(
             f"ONNX export of {type(model).__name__} failed: {type(err).__name__}: "
             f"{str(err).splitlines()[0] if str(err) else ''}"
         ) from err
-    finally:
-        tmp.unlink(missing_ok=True)
     diff = None
     if check:
         diff = check_onnx(model, target, check_batch, check_length)

@@ -15,10 +15,8 @@ seal and says why it skipped any newer one.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -26,11 +24,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import NeuroPruneError
-
-
-class NonFiniteError(NeuroPruneError):
-    """The loss or a weight became NaN or infinite during training."""
+from .errors import NonFiniteError
+from .files import sha256, write_json
 
 
 def _advice(step: int, last_good: str | Path | None) -> str:
@@ -73,17 +68,6 @@ def check_weights(model: nn.Module, step: int, last_good: str | Path | None = No
 
 # --- checkpoints that can be trusted after a crash ---------------------------------------------
 MANIFEST_FILE = "neuroprune_manifest.json"
-_CHUNK = 1 << 20
-
-
-def _digest(path: Path) -> str:
-    """sha256 of a file; also flushes it to disk, so a listed file survives a power cut too."""
-    sha = hashlib.sha256()
-    with path.open("rb") as handle:
-        os.fsync(handle.fileno())
-        for chunk in iter(lambda: handle.read(_CHUNK), b""):
-            sha.update(chunk)
-    return sha.hexdigest()
 
 
 def _files(folder: Path) -> list[Path]:
@@ -94,13 +78,10 @@ def write_manifest(folder: str | Path) -> Path:
     """Seal a finished checkpoint folder: size and sha256 of every file, written last and
     atomically. A folder without a manifest, or whose files no longer match it, is not used."""
     folder = Path(folder)
-    entries = {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": _digest(p)}
+    # each file is flushed to disk as it is hashed, so a listed file survives a power cut too
+    entries = {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": sha256(p, fsync=True)}
                for p in _files(folder)}
-    tmp = folder / f".{MANIFEST_FILE}.tmp"
-    tmp.write_text(json.dumps({"files": entries}, indent=1))
-    with tmp.open("rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, folder / MANIFEST_FILE)
+    write_json(folder / MANIFEST_FILE, {"files": entries}, fsync=True)
     return folder / MANIFEST_FILE
 
 
@@ -120,7 +101,7 @@ def checkpoint_problem(folder: str | Path) -> str | None:
             return f"{name} is missing"
         if path.stat().st_size != expected["bytes"]:
             return f"{name} has {path.stat().st_size} bytes instead of {expected['bytes']} (truncated?)"
-        if _digest(path) != expected["sha256"]:
+        if sha256(path, fsync=True) != expected["sha256"]:
             return f"{name} does not match its checksum (corrupted on disk?)"
     return None
 

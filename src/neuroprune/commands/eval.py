@@ -49,7 +49,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..errors import ConfigError
-    from ..runs import TrainSettings, evaluate_model, write_json
+    from ..evaluate import evaluate_model
+    from ..files import write_json
+    from ..settings import TrainSettings
 
     values = read_config_file(args.config) if args.config else {}
     values = {k: v for k, v in values.items() if k in EVAL_SETTINGS}
@@ -66,7 +68,5 @@ def run(args: argparse.Namespace) -> int:
     text = json.dumps(metrics, indent=1)
     print(text)
     if args.output:
-        from pathlib import Path
-
-        write_json(Path(args.output), metrics)
+        write_json(args.output, metrics)
     return 0

@@ -4,7 +4,6 @@ PyTorch in onnxruntime."""
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -28,10 +27,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..checkpoint import load
     from ..export import export_onnx
-    from .compact import model_dir
+    from ..run_folder import RunDir
 
-    path = Path(args.model)
-    folder = path / "compact" if (path / "compact").is_dir() else model_dir(path)
+    folder = RunDir(args.model).deployable_model_dir()
     result = export_onnx(load(folder), args.onnx, opset=args.opset, check=not args.no_check, atol=args.atol)
     diff = result.max_abs_diff
     check = "" if diff is None else f"; onnxruntime matches PyTorch within {diff:.1e}"

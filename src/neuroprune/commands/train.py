@@ -1,6 +1,6 @@
 """`neuroprune train`: fine-tune a model with NeuroPrune and write a run directory.
 
-Every flag is a field of `neuroprune.runs.TrainSettings` and can also come from a YAML or JSON
+Every flag is a field of `neuroprune.settings.TrainSettings` and can also come from a YAML or JSON
 file given with --config (keys with dashes or underscores); flags given on the command line win.
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from ..runs import TrainSettings
+from ..settings import TrainSettings
 
 HELP = {
     "model": "model folder, hub id, or 'minilm' for the packaged all-MiniLM-L6-v2",
@@ -157,9 +157,9 @@ def resolve_settings(args: argparse.Namespace) -> TrainSettings:
     given = {k: v for k, v in vars(args).items() if k in settings_types() and v is not None}
     values.update(given)
     if values.get("resume"):
-        from ..runs import RunDir
+        from ..run_folder import RunDir
 
-        saved = RunDir(values.get("output_dir", TrainSettings.output_dir)).read("run_config.json")
+        saved = RunDir(values.get("output_dir", TrainSettings.output_dir)).settings()
         if saved:
             values = {**saved, **values}
     return TrainSettings.from_dict(values, source="settings")
@@ -182,7 +182,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..runs import train_run
+    from ..train import train_run
 
     settings = resolve_settings(args)
     result = train_run(settings)
