@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from neuroprune import NeuroPrune, NeuroPruneConfig, UnsupportedArchitectureError
+from neuroprune import ModelIndex, NeuroPrune, NeuroPruneConfig, UnsupportedArchitectureError
 
 from tiny import FAMILIES, tiny_model
 
@@ -29,29 +29,29 @@ EXPECTED = {
 def test_every_family_is_mapped(family):
     pruner = NeuroPrune(tiny_model(family))
     n_attn, n_mlp, heads, kv, layout = EXPECTED[family]
-    assert len(pruner.attention) == n_attn and len(pruner.mlps) == n_mlp
-    for unit in pruner.attention:
+    assert len(pruner.index.attention) == n_attn and len(pruner.index.mlps) == n_mlp
+    for unit in pruner.index.attention:
         assert (unit.num_heads, unit.num_kv_heads, unit.head_dim) == (heads, kv, 8)
         assert (unit.layout.fused or "separate") == layout
         q, k, v = unit.qkv_matrices()
         assert q.shape == (heads * 8, 32) and k.shape == v.shape == (kv * 8, 32)
-    for mlp in pruner.mlps:
+    for mlp in pruner.index.mlps:
         assert mlp.original_neurons == 48
         assert all(m.shape == (48, 32) for m in mlp.expand_matrices())
         assert mlp.contract_matrix().shape == (32, 48)
     gated = family in ("t5-gated", "llama", "qwen2")
-    assert all((m.gate is not None) == gated for m in pruner.mlps)
+    assert all((m.gate is not None) == gated for m in pruner.index.mlps)
 
 
 def test_t5_has_self_and_cross_attention():
-    names = [u.name for u in NeuroPrune(tiny_model("t5")).attention]
+    names = [u.name for u in ModelIndex(tiny_model("t5")).attention]
     assert sum("EncDecAttention" in n for n in names) == 2
     assert sum(n.startswith("decoder") and "SelfAttention" in n for n in names) == 2
 
 
 def test_interleaved_layout_reads_per_head_blocks():
     """GPT-NeoX stores [q_h, k_h, v_h] per head; the canonical Q must pick every third block."""
-    unit = NeuroPrune(tiny_model("gpt_neox")).attention[0]
+    unit = ModelIndex(tiny_model("gpt_neox")).attention[0]
     w = unit.qkv.weight.detach()
     q, k, v = unit.qkv_matrices()
     assert torch.equal(q[8:16], w[24:32]) and torch.equal(k[0:8], w[8:16]) and torch.equal(v[0:8], w[16:24])
@@ -60,8 +60,8 @@ def test_interleaved_layout_reads_per_head_blocks():
 def test_regex_selection_and_exclusion():
     model = tiny_model("t5")
     pruner = NeuroPrune(model, NeuroPruneConfig(attention_modules=r"^encoder\.", exclude_modules="block\\.1"))
-    assert [u.name for u in pruner.attention] == ["encoder.block.0.layer.0.SelfAttention"]
-    assert all("block.1" not in m.name for m in pruner.mlps)
+    assert [u.name for u in pruner.index.attention] == ["encoder.block.0.layer.0.SelfAttention"]
+    assert all("block.1" not in m.name for m in pruner.index.mlps)
 
 
 class _Block(nn.Module):
@@ -107,10 +107,10 @@ def test_user_layout_maps_an_unknown_model_and_prunes_it_exactly():
         mlp_layouts=[{"up": "w1", "down": "w2"}],
     )
     pruner = NeuroPrune(model, cfg)
-    assert len(pruner.attention) == 2 and len(pruner.mlps) == 2
+    assert len(pruner.index.attention) == 2 and len(pruner.index.mlps) == 2
     from tiny import duplicate_group
 
-    duplicate_group(model, pruner.attention[0], 0, 1)
+    duplicate_group(model, pruner.index.attention[0], 0, 1)
     x = torch.randn(2, 5, 8)
     before = model(x)
     assert pruner.prune_redundant_heads() == {"blocks.0": [0]}

@@ -9,20 +9,19 @@ import pytest
 import torch
 
 import textdata
-from neuroprune import ConfigError, NeuroPrune, NeuroPruneConfig
-from neuroprune.baselines import GradualMagnitudePruning, counted_matrices, l1_penalty, magnitude_mask
+from neuroprune import GMP, ConfigError, NeuroPruneConfig, SparsityTarget
 from neuroprune.cli import main
-from neuroprune.methods import METHODS, build_method, matrix_parameters, proximal_step
+from neuroprune.methods import METHODS, build_method, magnitude_mask, proximal_step
 
 from tiny import tiny_inputs, tiny_model
 
 
 def test_l1_value_and_gradient_by_hand():
     model = tiny_model("gpt2")  # Conv1D, fused c_attn: the views must still be the parameters
-    pruner = NeuroPrune(model)
+    l1 = build_method("l1", model, NeuroPruneConfig(alpha=1.0))
     expected = sum(m.weight.abs().sum() for n, m in model.named_modules()
                    if n.endswith(("c_attn", "c_proj", "c_fc")))
-    value = l1_penalty(pruner)
+    value = l1.regularization_loss()
     assert value.item() == pytest.approx(expected.item(), rel=1e-6)
     value.backward()
     w = model.transformer.h[0].attn.c_attn.weight
@@ -64,11 +63,12 @@ def test_magnitude_mask_keeps_largest():
 
 
 def test_gmp_schedule_is_cubic():
-    gmp = GradualMagnitudePruning(NeuroPrune(tiny_model("bert")), 0.8, ramp_begin=0.0, ramp_end=0.5)
-    assert gmp.sparsity_at(0, 100) == 0.0
-    assert gmp.sparsity_at(25, 100) == pytest.approx(0.8 * (1 - 0.5**3))
-    assert gmp.sparsity_at(50, 100) == pytest.approx(0.8)
-    assert gmp.sparsity_at(99, 100) == pytest.approx(0.8)
+    gmp = GMP(tiny_model("bert"), target=SparsityTarget(0.8, ramp_begin=0.0, ramp_end=0.5))
+    gmp.on_train_begin(100)
+    assert gmp.sparsity_at(0) == 0.0
+    assert gmp.sparsity_at(25) == pytest.approx(0.8 * (1 - 0.5**3))
+    assert gmp.sparsity_at(50) == pytest.approx(0.8)
+    assert gmp.sparsity_at(99) == pytest.approx(0.8)
 
 
 def test_gmp_masks_stay_zero_through_optimizer_steps():
@@ -83,14 +83,14 @@ def test_gmp_masks_stay_zero_through_optimizer_steps():
         opt.zero_grad()
         loss.backward()
         opt.step()
-        if method.gmp.masks is not None:  # the optimiser moved pruned weights off zero...
-            assert any((m[~k] != 0).any() for k, m in zip(method.gmp.masks, counted_matrices(method.pruner)))
+        if method.masks is not None:  # the optimiser moved pruned weights off zero...
+            assert any((m[~k] != 0).any() for k, m in zip(method.masks, method.index.counted_matrices()))
         assert method.on_step_end(step) == []
         # ...and the masks put them back: everything pruned so far is exactly zero
-        for keep, mat in zip(method.gmp.masks or [], counted_matrices(method.pruner)):
+        for keep, mat in zip(method.masks or [], method.index.counted_matrices()):
             assert (mat[~keep] == 0).all()
     method.on_train_end()
-    report = method.pruner.sparsity_report()
+    report = method.sparsity_report()
     assert report.sparsity == pytest.approx(0.7, abs=0.01)
     for layer in report.layers:  # unstructured and uniform: every matrix at the target
         for value in layer.matrices.values():
@@ -101,12 +101,15 @@ def test_gmp_masks_stay_zero_through_optimizer_steps():
 def test_l1_method_never_removes_heads_and_dense_changes_nothing():
     model = tiny_model("bert")
     l1 = build_method("l1", model, NeuroPruneConfig(theta=100.0), target_sparsity=0.5)
-    assert l1.on_epoch_end(0) == [] and l1.pruner.sparsity_report().heads_kept == 8
+    assert l1.on_epoch_end(0) == [] and l1.sparsity_report().heads_kept == 8
     dense_model = tiny_model("bert")
     before = [p.clone() for p in dense_model.parameters()]
     dense = build_method("dense", dense_model)
     dense.on_train_begin(1, None)
-    assert dense.regularization_loss() is None and dense.on_step_end(1) == [] and dense.on_epoch_end(0) == []
+    reg = dense.regularization_loss()
+    assert float(reg) == 0.0 and not reg.requires_grad
+    assert dense.on_step_end(1) == [] and dense.on_epoch_end(0) == []
+    dense.on_train_end()
     assert all(torch.equal(a, b) for a, b in zip(before, dense_model.parameters()))
     assert dense.summary()["target_sparsity"] is None
 
@@ -116,8 +119,8 @@ def test_loss_mode_puts_penalty_in_loss_and_proximal_mode_does_not():
     paper = build_method("neuroprune", model, NeuroPruneConfig(alpha=1e-2, beta=1e-2))
     assert not paper.proximal and paper.regularization_loss().item() > 0
     steered = build_method("neuroprune", model, NeuroPruneConfig(alpha=1e-2, beta=1e-2), target_sparsity=0.5)
-    assert steered.proximal and steered.regularization_loss() is None
-    assert len(matrix_parameters(steered.pruner)) == len(counted_matrices(steered.pruner))
+    assert steered.proximal and not steered.regularization_loss().requires_grad
+    assert len(steered.index.counted_weights()) == len(steered.index.counted_matrices()) == 2 * 6
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import neuroprune
-from neuroprune import CheckpointError, NeuroPrune, NeuroPruneConfig
+from neuroprune import CheckpointError, ModelIndex, NeuroPrune, NeuroPruneConfig
 
 from tiny import duplicate_group, main_output, tiny_inputs, tiny_model
 
@@ -17,7 +17,7 @@ from tiny import duplicate_group, main_output, tiny_inputs, tiny_model
 def _pruned(family, tmp_path):
     model = tiny_model(family)
     pruner = NeuroPrune(model, NeuroPruneConfig(theta=1e-6))
-    for unit in pruner.attention:
+    for unit in pruner.index.attention:
         duplicate_group(model, unit, 0, unit.num_kv_heads - 1)
     pruner.prune_redundant_heads()
     pruner.finalize()
@@ -28,12 +28,12 @@ def _pruned(family, tmp_path):
 @pytest.mark.parametrize("family", ["bert", "t5", "llama", "gpt2", "gpt_neox"])
 def test_round_trip_keeps_structure_history_and_outputs(family, tmp_path):
     model, pruner, path = _pruned(family, tmp_path)
-    loaded = NeuroPrune.from_pretrained(path, attn_implementation="eager")
+    loaded = ModelIndex.from_pretrained(path, attn_implementation="eager")
     inputs = tiny_inputs(family)
     assert torch.equal(main_output(loaded.model, inputs), main_output(model, inputs))
-    assert loaded.head_structure() == pruner.head_structure()
-    assert loaded.history == json.loads(json.dumps(pruner.history))
-    assert loaded.sparsity_report().sparsity == pytest.approx(pruner.sparsity_report().sparsity)
+    assert loaded.head_structure() == pruner.index.head_structure()
+    assert loaded.history == json.loads(json.dumps(pruner.index.history))
+    assert loaded.report(pruner.config.eps).sparsity == pytest.approx(pruner.sparsity_report().sparsity)
     assert not list(tmp_path.glob(".model.tmp-*"))  # no temporary folder left behind
 
 

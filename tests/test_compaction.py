@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import neuroprune
-from neuroprune import CheckpointError, CompactionRule, ConfigError, NeuroPrune, NeuroPruneConfig
+from neuroprune import CheckpointError, CompactionRule, ConfigError, ModelIndex, NeuroPrune, NeuroPruneConfig
 from neuroprune.cli import main as cli_main
 from neuroprune.surgery import weight_matrix
 
@@ -31,11 +31,11 @@ def structured(family: str, seed: int = 0) -> NeuroPrune:
         if name.endswith("bias") and "norm" not in name.lower():
             p.normal_(0, 0.5)
     pruner = NeuroPrune(model, NeuroPruneConfig(theta=1e-6))
-    for unit in pruner.attention:
+    for unit in pruner.index.attention:
         duplicate_group(model, unit, 0, unit.num_kv_heads - 1)
     assert pruner.prune_redundant_heads()
     g = torch.Generator().manual_seed(seed)
-    for unit in pruner.mlps:
+    for unit in pruner.index.mlps:
         n = unit.original_neurons
         perm = torch.randperm(n, generator=g)
         for w in unit.expand_matrices():
@@ -43,7 +43,7 @@ def structured(family: str, seed: int = 0) -> NeuroPrune:
         unit.contract_matrix()[:, perm[n // 3: n // 2]] = 0
         d = unit.contract_matrix().shape[0]
         unit.contract_matrix()[torch.randperm(d, generator=g)[: d // 2]] = 0
-    for unit in pruner.attention:
+    for unit in pruner.index.attention:
         width = unit.input_l1().numel()
         dims = torch.randperm(width, generator=g)[: width // 3]
         for m in [unit.qkv] if unit.qkv is not None else [unit.q, unit.k, unit.v]:
@@ -68,14 +68,14 @@ def test_compaction_is_exact_and_smaller(family):
     params = sum(p.numel() for p in model.parameters())
     sparsity = pruner.sparsity_report().sparsity
 
-    assert neuroprune.compact(pruner) is pruner
+    assert neuroprune.compact(pruner) is pruner.index
     torch.testing.assert_close(main_output(model, x), expected, atol=ATOL, rtol=0)
     if tokens is not None:
         assert torch.equal(generate(model, family), tokens)
-    structure = pruner.structure()
+    structure = pruner.index.structure()
     for key in ("mlp_neurons", "attention_inputs", "contract_rows"):
-        assert len(structure[key]) == len(pruner.mlps if key != "attention_inputs" else pruner.attention)
-    for unit in pruner.mlps:  # a third plus a sixth of the neurons were dead
+        assert len(structure[key]) == len(pruner.index.mlps if key != "attention_inputs" else pruner.index.attention)
+    for unit in pruner.index.mlps:  # a third plus a sixth of the neurons were dead
         assert len(unit.kept_neurons) == unit.original_neurons - unit.original_neurons // 2
     assert sum(p.numel() for p in model.parameters()) < 0.9 * params
     # the contract columns of neurons with a dead expand row are gone too: sparsity only grows
@@ -85,7 +85,7 @@ def test_compaction_is_exact_and_smaller(family):
 def test_plain_model_is_wrapped_and_rule_thresholds_apply():
     model = structured("bert").model
     never = neuroprune.compact(model, rule=CompactionRule(min_input_fraction=1.0, min_row_fraction=1.0))
-    assert isinstance(never, NeuroPrune) and never.model is model
+    assert isinstance(never, ModelIndex) and never.model is model
     structure = never.structure()
     assert "mlp_neurons" in structure
     assert "attention_inputs" not in structure and "contract_rows" not in structure
@@ -98,12 +98,12 @@ def test_plain_model_is_wrapped_and_rule_thresholds_apply():
 def test_kept_widths_are_rounded_up_to_a_multiple_exactly():
     pruner = structured("gpt2")
     with torch.no_grad():
-        weight_matrix(pruner.mlps[0].up)[:45] = 0  # 3 live neurons of 48
+        weight_matrix(pruner.index.mlps[0].up)[:45] = 0  # 3 live neurons of 48
     x = tiny_inputs("gpt2")
     expected = main_output(pruner.model, x)
     neuroprune.compact(pruner)
-    assert len(pruner.mlps[0].kept_neurons) == 8
-    assert len(pruner.structure()["contract_rows"][pruner.mlps[0].name]) % 8 == 0
+    assert len(pruner.index.mlps[0].kept_neurons) == 8
+    assert len(pruner.index.structure()["contract_rows"][pruner.index.mlps[0].name]) % 8 == 0
     torch.testing.assert_close(main_output(pruner.model, x), expected, atol=ATOL, rtol=0)
 
 
@@ -123,18 +123,18 @@ def test_constant_neurons_fold_into_a_new_contract_bias_that_is_restored():
     model = _biased_gated_llama()
     pruner = NeuroPrune(model)
     with torch.no_grad():
-        for unit in pruner.mlps:
+        for unit in pruner.index.mlps:
             for w in unit.expand_matrices():
                 w[:10] = 0
     x = tiny_inputs("llama")
     expected = main_output(model, x)
     neuroprune.compact(pruner)
-    assert all(u.down.bias is not None and u.added_contract_bias for u in pruner.mlps)
+    assert all(u.down.bias is not None and u.added_contract_bias for u in pruner.index.mlps)
     torch.testing.assert_close(main_output(model, x), expected, atol=ATOL, rtol=0)
-    structure = json.loads(json.dumps(pruner.structure()))
-    assert structure["contract_biases"] == [u.name for u in pruner.mlps]
+    structure = json.loads(json.dumps(pruner.index.structure()))
+    assert structure["contract_biases"] == [u.name for u in pruner.index.mlps]
 
-    fresh = NeuroPrune(_biased_gated_llama(seed=1))
+    fresh = ModelIndex(_biased_gated_llama(seed=1))
     fresh.restore_structure(structure)
     fresh.model.load_state_dict(model.state_dict(), strict=True)
     torch.testing.assert_close(main_output(fresh.model, x), expected, atol=ATOL, rtol=0)
@@ -144,15 +144,15 @@ def test_compacting_twice_composes():
     pruner = structured("gpt2")
     neuroprune.compact(pruner)
     with torch.no_grad():
-        for unit in pruner.mlps:
+        for unit in pruner.index.mlps:
             weight_matrix(unit.up)[:3] = 0
-        weight_matrix(pruner.attention[0].qkv)[:, :8] = 0
+        weight_matrix(pruner.index.attention[0].qkv)[:, :8] = 0
     x = tiny_inputs("gpt2")
     expected = main_output(pruner.model, x)
     neuroprune.compact(pruner, rule=CompactionRule(min_input_fraction=0.0))
     torch.testing.assert_close(main_output(pruner.model, x), expected, atol=ATOL, rtol=0)
-    fresh = NeuroPrune(tiny_model("gpt2"))
-    fresh.restore_structure(json.loads(json.dumps(pruner.structure())))
+    fresh = ModelIndex(tiny_model("gpt2"))
+    fresh.restore_structure(json.loads(json.dumps(pruner.index.structure())))
     fresh.model.load_state_dict(pruner.model.state_dict())
     torch.testing.assert_close(main_output(fresh.model, x), expected, atol=ATOL, rtol=0)
 
@@ -221,7 +221,7 @@ def test_edited_weights_are_refused(saved, tmp_path):
 def test_weights_or_structure_from_another_model_are_refused(saved, tmp_path):
     other = structured("bert", seed=3)
     with torch.no_grad():
-        weight_matrix(other.mlps[0].up)[:, :] = 0  # every neuron of one MLP dead: other shapes
+        weight_matrix(other.index.mlps[0].up)[:, :] = 0  # every neuron of one MLP dead: other shapes
     neuroprune.compact(other)
     other_path = other.save_pretrained(tmp_path / "other")
     path = _copy(saved, tmp_path / "m")
@@ -258,7 +258,7 @@ def test_cli_compacts_a_run_directory(tmp_path, capsys):
 def test_query_key_value_share_one_gather_and_release_it():
     from torch.overrides import TorchFunctionMode
 
-    from neuroprune.compaction import SHARED_GATHER
+    from neuroprune.structure import SHARED_GATHER
 
     class CountGathers(TorchFunctionMode):
         calls = 0
@@ -268,8 +268,8 @@ def test_query_key_value_share_one_gather_and_release_it():
                 CountGathers.calls += 1
             return func(*args, **(kwargs or {}))
 
-    pruner = neuroprune.compact(structured("bert"))
+    index = neuroprune.compact(structured("bert"))
     with torch.no_grad(), CountGathers():
-        pruner.model(**tiny_inputs("bert"))
-    assert CountGathers.calls == len(pruner.attention)
-    assert all(getattr(u.q, SHARED_GATHER).value is None for u in pruner.attention)
+        index.model(**tiny_inputs("bert"))
+    assert CountGathers.calls == len(index.attention)
+    assert all(getattr(u.q, SHARED_GATHER).value is None for u in index.attention)

@@ -70,7 +70,7 @@ def test_block_penalties_match_the_formula(family):
     """Whatever the storage (separate, fused, interleaved, Conv1D), R_attn groups the input
     dimensions of [Q, K, V] and R_MLP reads neuron rows of expand and contract."""
     pruner = NeuroPrune(tiny_model(family).double())
-    unit, mlp = pruner.attention[0], pruner.mlps[0]
+    unit, mlp = pruner.index.attention[0], pruner.index.mlps[0]
     a = torch.cat(unit.qkv_matrices(), dim=0).detach()  # (3d or q+2kv, d_in)
     expected = sum(math.sqrt(float(c) + 1e-12) for c in a.abs().sum(0))
     assert attention_penalty(unit, 1e-12).item() == pytest.approx(expected, rel=1e-9)
@@ -99,16 +99,16 @@ def test_regularization_loss_weights_and_gradients():
 def test_output_penalty_is_opt_in_and_reads_rows_of_w_o(family):
     model = tiny_model(family).double()
     pruner = NeuroPrune(model, NeuroPruneConfig(alpha=0.5, beta=2.0, output_penalty=True))
-    o = pruner.attention[0].matrices()["o"].detach()  # (out, in), also for GPT-2's Conv1D
+    o = pruner.index.attention[0].matrices()["o"].detach()  # (out, in), also for GPT-2's Conv1D
     deg = ((o.abs() >= 1e-4).sum(1).double() / o.shape[1]).clamp(min=1 / o.shape[1])
-    assert output_penalty(pruner.attention[0], 1e-4).item() == pytest.approx(
+    assert output_penalty(pruner.index.attention[0], 1e-4).item() == pytest.approx(
         float((o.abs().sum(1) / deg).sum()), rel=1e-9)
     parts = pruner.penalties()
     loss = pruner.regularization_loss()
     expected = 0.5 * (parts["mlp"] + parts["output"]) + 2.0 * parts["attention"]
     assert loss.item() == pytest.approx(expected.item(), rel=1e-9)
     loss.backward()
-    assert all(u.o.weight.grad.abs().sum() > 0 for u in pruner.attention)
+    assert all(u.o.weight.grad.abs().sum() > 0 for u in pruner.index.attention)
 
 
 def test_zero_weights_skip_the_computation():

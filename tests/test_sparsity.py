@@ -12,9 +12,9 @@ from tiny import duplicate_group, tiny_model
 def test_removed_heads_and_zeros_count_against_dense_shapes():
     model = tiny_model("bert")
     pruner = NeuroPrune(model, NeuroPruneConfig(theta=1e-6))
-    dense_total = sum(sum(u.original_numel.values()) for u in pruner.attention + pruner.mlps)
+    dense_total = sum(sum(u.original_numel.values()) for u in pruner.index.attention + pruner.index.mlps)
     assert pruner.sparsity_report().zeros == 0
-    duplicate_group(model, pruner.attention[0], 0, 1)
+    duplicate_group(model, pruner.index.attention[0], 0, 1)
     pruner.prune_redundant_heads()
     with torch.no_grad():
         model.encoder.layer[1].intermediate.dense.weight[:5] = 0.0  # 5 dead neurons x 32 inputs
@@ -37,13 +37,23 @@ def test_finalize_zeroes_small_weights_only_in_regularised_matrices():
     pruner = NeuroPrune(model, NeuroPruneConfig(eps=1e-3))
     with torch.no_grad():
         model.transformer.h[0].mlp.c_fc.weight[0, :10] = 5e-4
+        model.transformer.h[0].attn.c_attn.weight[0, :7] = -5e-4
+        model.transformer.h[0].attn.c_proj.weight[0, :10] = 5e-4  # W^O: no penalty by default
         model.transformer.wte.weight[0, :10] = 5e-4
-    small = sum(int(((m.abs() < 1e-3) & (m != 0)).sum()) for u in pruner.attention + pruner.mlps
-                for m in u.matrices().values())
-    assert pruner.finalize() == small >= 10
+    regularised = [m.weight for i in range(2) for m in (model.transformer.h[i].mlp.c_fc,
+                                                          model.transformer.h[i].mlp.c_proj,
+                                                          model.transformer.h[i].attn.c_attn)]
+    small = sum(int(((m.abs() < 1e-3) & (m != 0)).sum()) for m in regularised)
+    assert pruner.finalize() == small >= 17
     assert float(model.transformer.h[0].mlp.c_fc.weight[0, :10].detach().abs().sum()) == 0.0
+    assert float(model.transformer.h[0].attn.c_attn.weight[0, :7].detach().abs().sum()) == 0.0
+    assert torch.all(model.transformer.h[0].attn.c_proj.weight[0, :10] == 5e-4)  # W^O untouched
     assert torch.all(model.transformer.wte.weight[0, :10] == 5e-4)  # embeddings untouched
     assert pruner.finalize() == 0
+    # with the output penalty on, W^O is regularised and finalised too
+    with_o = NeuroPrune(model, NeuroPruneConfig(eps=1e-3, output_penalty=True))
+    assert with_o.finalize() >= 10
+    assert float(model.transformer.h[0].attn.c_proj.weight[0, :10].detach().abs().sum()) == 0.0
 
 
 def test_degree_stats_in_percent():

@@ -1,26 +1,46 @@
-"""NeuroPrune: sparse fine-tuning of transformer language models with neuro-inspired topology."""
+"""NeuroPrune: sparse fine-tuning of transformer language models with neuro-inspired topology.
 
-from .checkpoint import CheckpointError, load
+The public API, importable from here: the methods (`NeuroPrune` and the baselines, one
+`SparsityMethod` protocol, `build_method` by name), their configs (`NeuroPruneConfig`,
+`SparsityTarget`), the model index, compaction, save / load, the Trainer and the errors.
+"""
+
+from .checkpoint import load
 from .compaction import CompactionRule, compact
 from .config import NeuroPruneConfig
-from .errors import ConfigError, NeuroPruneError, UnsupportedArchitectureError
+from .controller import SparsityTarget
+from .errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    DistributedError,
+    ModelError,
+    NeuroPruneError,
+    NonFiniteError,
+    ReportError,
+    UnsupportedArchitectureError,
+)
+from .index import ModelIndex
+from .methods import GMP, L1, METHODS, Dense, NeuroPrune, SparsityMethod, build_method, check_method
 from .optim import remap_optimizer
-from .pruner import NeuroPrune
 from .sparsity import SparsityReport
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CheckpointError",
-    "CompactionRule",
-    "compact",
-    "load",
-    "ConfigError",
-    "NeuroPrune",
-    "NeuroPruneConfig",
-    "NeuroPruneError",
-    "SparsityReport",
-    "UnsupportedArchitectureError",
-    "remap_optimizer",
-    "__version__",
+    "GMP", "L1", "METHODS", "CheckpointError", "CompactionRule", "ConfigError", "DataError", "Dense",
+    "DistributedError", "ModelError", "ModelIndex", "NeuroPrune", "NeuroPruneConfig", "NeuroPruneError",
+    "NeuroPruneTrainer", "NeuroPruneSeq2SeqTrainer", "NonFiniteError", "ReportError", "SparsityMethod",
+    "SparsityReport", "SparsityTarget", "UnsupportedArchitectureError", "build_method", "check_method",
+    "compact", "load", "remap_optimizer", "__version__",
 ]
+
+
+def __getattr__(name: str):
+    """The Trainer classes import `transformers.Trainer`, which is slow to import and not needed
+    by a plain training loop: they load on first use."""
+    if name in ("NeuroPruneTrainer", "NeuroPruneSeq2SeqTrainer"):
+        from . import trainer
+
+        return getattr(trainer, name)
+    raise AttributeError(f"module 'neuroprune' has no attribute {name!r}")

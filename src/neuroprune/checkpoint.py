@@ -1,15 +1,12 @@
 """Save and reload a pruned model: HF config + safetensors weights + `neuroprune.json` (the
-NeuroPrune config and the structure that differs from the dense config, e.g. heads kept per
-layer). Writes go to a temporary folder that is renamed into place, so a crash never leaves a
+discovery options of its `ModelIndex`, the structure that differs from the dense config, e.g.
+heads kept per layer, and what the method that trained it records: its name and user config). Writes go to a temporary folder that is renamed into place, so a crash never leaves a
 half-written checkpoint."""
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,44 +15,20 @@ import transformers
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from .config import NeuroPruneConfig
-from .errors import NeuroPruneError
+from .errors import CheckpointError
+from .files import atomic_dir, commit_dir, sha256
 
 if TYPE_CHECKING:
-    from .pruner import NeuroPrune
+    from .index import ModelIndex
 
 STRUCTURE_FILE = "neuroprune.json"
 FORMAT_VERSION = 1
 
 
-class CheckpointError(NeuroPruneError):
-    """A checkpoint folder is missing, incomplete, corrupt or from another model."""
-
-
-def atomic_dir(target: Path) -> Path:
-    """A fresh temporary folder beside `target`, to be moved there with `commit_dir`."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private (0700); a saved model is an ordinary folder
-    return tmp
-
-
-def commit_dir(tmp: Path, target: Path) -> None:
-    """Replace `target` by `tmp` (rename is atomic; the old folder is removed only afterwards)."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        target.rename(old)
-    tmp.rename(target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def save_pretrained(pruner: NeuroPrune, directory: str | Path, tokenizer: Any = None,
+def save_pretrained(index: ModelIndex, directory: str | Path, tokenizer: Any = None,
                     extra: dict[str, Any] | None = None) -> Path:
-    """Save `pruner.model` with its structure to `directory` (atomically)."""
+    """Save `index.model` with its structure to `directory` (atomically). `extra` adds keys to
+    `neuroprune.json` (a method records its name and the config the user gave)."""
     from . import __version__
 
     target = Path(directory)
@@ -63,17 +36,17 @@ def save_pretrained(pruner: NeuroPrune, directory: str | Path, tokenizer: Any = 
     try:
         # keys as the modules name them (no legacy renaming such as GPT-NeoX lm_head -> embed_out),
         # so that `load_into` can match them one to one
-        pruner.model.save_pretrained(tmp, save_original_format=False)
+        index.model.save_pretrained(tmp, save_original_format=False)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         meta = {
             "format_version": FORMAT_VERSION,
             "neuroprune_version": __version__,
-            "model_type": getattr(pruner.model.config, "model_type", None),
-            "architectures": getattr(pruner.model.config, "architectures", None),
-            "neuroprune_config": pruner.config.to_dict(),
-            "structure": pruner.structure(),
-            "shapes": {k: list(v.shape) for k, v in pruner.model.state_dict().items()},
+            "model_type": getattr(index.model.config, "model_type", None),
+            "architectures": getattr(index.model.config, "architectures", None),
+            "discovery": index.discovery,
+            "structure": index.structure(),
+            "shapes": {k: list(v.shape) for k, v in index.model.state_dict().items()},
             "weights_sha256": {f.name: sha256(f) for f in sorted(tmp.glob("*.safetensors"))},
             **(extra or {}),
         }
@@ -107,20 +80,20 @@ def read_meta(directory: str | Path) -> dict[str, Any]:
     return meta
 
 
+def saved_eps(meta: dict[str, Any]) -> float:
+    """The eps the method that trained a saved model counted absent weights with (for reports of
+    the loaded model: degrees and finalize use the same threshold as training did)."""
+    from .config import NeuroPruneConfig
+
+    return float((meta.get("neuroprune_config") or {}).get("eps", NeuroPruneConfig.eps))
+
+
 def _model_class(meta: dict[str, Any]) -> type:
     for name in meta.get("architectures") or []:
         cls = getattr(transformers, name, None)
         if cls is not None:
             return cls
     return transformers.AutoModel
-
-
-def sha256(file: Path) -> str:
-    digest = hashlib.sha256()
-    with file.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _check_checksums(path: Path, meta: dict[str, Any]) -> None:
@@ -152,12 +125,12 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_into(pruner: NeuroPrune, directory: str | Path, meta: dict[str, Any]) -> None:
-    """Give `pruner.model` the saved structure, then the saved weights, checking every shape."""
+def load_into(index: ModelIndex, directory: str | Path, meta: dict[str, Any]) -> None:
+    """Give `index.model` the saved structure, then the saved weights, checking every shape."""
     path = Path(directory)
-    pruner.restore_structure(meta["structure"])
+    index.restore_structure(meta["structure"])
     state = _read_weights(path)
-    own = pruner.model.state_dict()
+    own = index.model.state_dict()
     wrong = [k for k, v in state.items() if k in own and tuple(own[k].shape) != tuple(v.shape)]
     unexpected = [k for k in state if k not in own]
     if wrong or unexpected:
@@ -167,8 +140,8 @@ def load_into(pruner: NeuroPrune, directory: str | Path, meta: dict[str, Any]) -
             f"{STRUCTURE_FILE} ({len(wrong)} shape mismatches, {len(unexpected)} unknown tensors, "
             f"e.g. {example!r}); was a file copied from another model?"
         )
-    missing = set(pruner.model.load_state_dict(state, strict=False).missing_keys)
-    pruner.model.tie_weights()
+    missing = set(index.model.load_state_dict(state, strict=False).missing_keys)
+    index.model.tie_weights()
     loaded_ptrs = {own[k].data_ptr() for k in state}
     really_missing = sorted(k for k in missing if own[k].data_ptr() not in loaded_ptrs)
     if really_missing:
@@ -179,9 +152,9 @@ def load_into(pruner: NeuroPrune, directory: str | Path, meta: dict[str, Any]) -
     _check_checksums(path, meta)
 
 
-def from_pretrained(directory: str | Path, **model_kwargs: Any) -> NeuroPrune:
-    """Rebuild the model and its NeuroPrune wrapper from a folder written by `save_pretrained`."""
-    from .pruner import NeuroPrune
+def from_pretrained(directory: str | Path, **model_kwargs: Any) -> ModelIndex:
+    """Rebuild the model and its `ModelIndex` from a folder written by `save_pretrained`."""
+    from .index import ModelIndex
 
     meta = read_meta(directory)
     try:
@@ -191,10 +164,11 @@ def from_pretrained(directory: str | Path, **model_kwargs: Any) -> NeuroPrune:
     cls = _model_class(meta)
     build = cls.from_config if hasattr(cls, "from_config") else cls._from_config
     model = build(hf_config, **model_kwargs)
-    pruner = NeuroPrune(model, NeuroPruneConfig.from_dict(meta["neuroprune_config"]))
-    load_into(pruner, directory, meta)
+    # folders of format 1 written before the index existed hold the options in the config
+    index = ModelIndex(model, meta.get("discovery") or meta.get("neuroprune_config"))
+    load_into(index, directory, meta)
     model.eval()
-    return pruner
+    return index
 
 
 def load(directory: str | Path, **model_kwargs: Any) -> torch.nn.Module:

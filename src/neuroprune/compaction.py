@@ -15,33 +15,24 @@ module removes, exactly (outputs unchanged up to float rounding):
 
 The last two need an index copy per call, so they are applied only where enough is removed for
 the smaller matmul to pay for the copy (`CompactionRule`, thresholds measured on CPU, see
-docs/compaction.md). What was removed is recorded in `NeuroPrune.structure()` so that
+docs/compaction.md). What was removed is recorded in `ModelIndex.structure()` (`structure.py`) so that
 `neuroprune.load` rebuilds the same shapes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
-from .architectures import ACTIVATION_ATTRS
-from .checkpoint import CheckpointError
-from .config import NeuroPruneConfig
+from .architectures import activation_of
 from .errors import ConfigError
-from .surgery import in_features, out_features, select_inputs, select_outputs, weight_matrix
+from .index import ModelIndex
+from .structure import add_bias, drop_output_rows, gather_block_inputs, kept_inputs, kept_outputs, projections
+from .surgery import weight_matrix
 from .units import AttentionUnit, MLPUnit
-
-if TYPE_CHECKING:
-    from .pruner import NeuroPrune
-
-INPUT_INDEX = "neuroprune_input_index"  # non-persistent buffer: original input dims a projection reads
-OUTPUT_INDEX = "neuroprune_output_index"  # non-persistent buffer: original output dims it computes
-OUTPUT_FILL = "neuroprune_output_fill"  # persistent buffer: the constant value of every output dim
-SHARED_GATHER = "_neuroprune_shared_gather"  # attribute: a `SharedGather` of the block's projections
 
 
 @dataclass(frozen=True)
@@ -73,129 +64,7 @@ class CompactionRule:
             raise ConfigError(f"multiple_of={self.multiple_of!r} must be a positive integer.")
 
 
-# --- surgery with a gathered input or a scattered output --------------------------------------
-
-def select_last(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """`x[..., index]` through a 2-D view of `x`: on CPU, `index_select` on the last dimension of
-    a (batch, sequence, hidden) tensor ran ~10x slower than on its (tokens, hidden) view (1.6 vs
-    0.16 ms for 4096 x 384 -> 77), which was ~5% of a 90%-compacted MiniLM's forward pass."""
-    return x.reshape(-1, x.shape[-1]).index_select(1, index).view(*x.shape[:-1], index.numel())
-
-
-class SharedGather:
-    """The gathered input of the q, k and v projections of one block, computed once: they are
-    called one after the other on the same tensor, so the second and third reuse the first's
-    gather. Released after the last use, so no activation outlives the block."""
-
-    def __init__(self, users: int) -> None:
-        self.users = users
-        self.source: torch.Tensor | None = None
-        self.value: torch.Tensor | None = None
-        self.left = 0
-
-    def __call__(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        if self.source is x and self.left > 0:
-            value, self.left = self.value, self.left - 1
-            if not self.left:
-                self.source = self.value = None
-            return value
-        value = select_last(x, index)
-        self.source, self.value, self.left = (x, value, self.users - 1) if self.users > 1 else (None, None, 0)
-        return value
-
-
-def _gather_input(module: nn.Module, args: tuple) -> tuple:
-    index = getattr(module, INPUT_INDEX)
-    shared = getattr(module, SHARED_GATHER, None)
-    gathered = shared(args[0], index) if shared is not None else select_last(args[0], index)
-    return (gathered, *args[1:])
-
-
-def _scatter_output(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-    fill = getattr(module, OUTPUT_FILL)
-    index = getattr(module, OUTPUT_INDEX)
-    full = fill.to(output.dtype).expand(*output.shape[:-1], fill.shape[0])
-    return full.scatter(-1, index.expand(*output.shape[:-1], index.shape[0]), output)
-
-
-def kept_inputs(module: nn.Module) -> list[int] | None:
-    """Original input dimensions a gathered projection still reads (None: not gathered)."""
-    index = getattr(module, INPUT_INDEX, None)
-    return None if index is None else index.tolist()
-
-
-def kept_outputs(module: nn.Module) -> list[int] | None:
-    """Original output dimensions a row-compacted projection still computes (None: all)."""
-    index = getattr(module, OUTPUT_INDEX, None)
-    return None if index is None else index.tolist()
-
-
-def gather_inputs(module: nn.Module, keep: list[int], shared: SharedGather | None = None) -> None:
-    """Keep only the (original) input dimensions `keep` of a projection; a forward pre-hook
-    selects them from the full-width input (once for all projections given the same `shared`)."""
-    current = kept_inputs(module) or list(range(in_features(module)))
-    positions = _positions(current, keep, f"input dimensions of {type(module).__name__}")
-    device = module.weight.device
-    select_inputs(module, torch.tensor(positions, dtype=torch.long))
-    index = torch.tensor(keep, dtype=torch.long, device=device)
-    if shared is not None:
-        setattr(module, SHARED_GATHER, shared)
-    if INPUT_INDEX in module._buffers:
-        setattr(module, INPUT_INDEX, index)
-    else:
-        module.register_buffer(INPUT_INDEX, index, persistent=False)
-        module.register_forward_pre_hook(_gather_input)
-
-
-def drop_output_rows(module: nn.Module, keep: list[int]) -> None:
-    """Keep only the (original) output rows `keep` of a projection; the others are constant (their
-    bias, 0 without one) and a forward hook writes them back around the computed rows."""
-    current = kept_outputs(module) or list(range(out_features(module)))
-    positions = _positions(current, keep, f"output rows of {type(module).__name__}")
-    weight = weight_matrix(module)
-    if OUTPUT_FILL in module._buffers:
-        fill = getattr(module, OUTPUT_FILL)
-    else:
-        fill = weight.new_zeros(out_features(module))
-        module.register_buffer(OUTPUT_FILL, fill)
-    with torch.no_grad():
-        if module.bias is not None:
-            dropped = sorted(set(current) - set(keep))
-            fill[dropped] = module.bias.detach()[[current.index(d) for d in dropped]]
-    select_outputs(module, torch.tensor(positions, dtype=torch.long))
-    index = torch.tensor(keep, dtype=torch.long, device=weight.device)
-    if OUTPUT_INDEX in module._buffers:
-        setattr(module, OUTPUT_INDEX, index)
-    else:
-        module.register_buffer(OUTPUT_INDEX, index, persistent=False)
-        module.register_forward_hook(_scatter_output)
-
-
-def add_bias(module: nn.Module) -> None:
-    """Give a bias-less projection a zero bias (to fold constants into)."""
-    module.bias = nn.Parameter(weight_matrix(module).new_zeros(out_features(module)))
-
-
-def _positions(current: list[int], keep: list[int], what: str) -> list[int]:
-    where = {d: p for p, d in enumerate(current)}
-    missing = [d for d in keep if d not in where]
-    if missing:
-        raise CheckpointError(f"the saved structure keeps {what} {missing[:5]} that are already gone.")
-    return [where[d] for d in keep]
-
-
 # --- policy: what is dead ---------------------------------------------------------------------
-
-def activation_of(unit: MLPUnit) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """The MLP's activation function, looked up on the module holding `up`, then the MLP module."""
-    parent_path = unit.layout.up.rpartition(".")[0]
-    for owner in (unit.module.get_submodule(parent_path) if parent_path else unit.module, unit.module):
-        for attr in ACTIVATION_ATTRS:
-            fn = getattr(owner, attr, None)
-            if callable(fn):
-                return fn
-    return None
-
 
 def _bias(module: nn.Module | None, rows: int, like: torch.Tensor) -> torch.Tensor:
     if module is None or module.bias is None:
@@ -211,7 +80,7 @@ def neuron_constants(unit: MLPUnit) -> tuple[torch.Tensor, torch.Tensor]:
     dead_out = ~weight_matrix(unit.down).detach().ne(0).any(0)
     up_zero = ~up.ne(0).any(1)
     b_up = _bias(unit.up, n, up)
-    act = activation_of(unit)
+    act = activation_of(unit.module, unit.layout.up)
     constant = torch.zeros_like(b_up)
     if unit.gate is None:
         if act is not None:  # act(b_up) is a constant; without a known act it is not removable
@@ -236,18 +105,6 @@ def dead_groups(unit: AttentionUnit) -> list[int]:
     return [g for g in range(unit.num_kv_heads) if not o[:, unit.query_rows([g])].ne(0).any()]
 
 
-def _projections(unit: AttentionUnit) -> list[nn.Module]:
-    return [unit.qkv] if unit.qkv is not None else [unit.q, unit.k, unit.v]
-
-
-def gather_block_inputs(unit: AttentionUnit, keep: list[int]) -> None:
-    """Gather the input of a block's query / key / value projection(s) to the dimensions `keep`."""
-    projections = _projections(unit)
-    shared = SharedGather(len(projections))
-    for module in projections:
-        gather_inputs(module, keep, shared)
-
-
 # --- the whole model --------------------------------------------------------------------------
 
 @torch.no_grad()
@@ -262,7 +119,7 @@ def compact_attention(unit: AttentionUnit, rule: CompactionRule) -> None:
     if int(alive.sum()) == 0:
         alive[0] = True  # keep one (zero) column rather than a zero-width matmul
     if 1 - int(alive.sum()) / width >= rule.min_input_fraction and not bool(alive.all()):
-        current = kept_inputs(_projections(unit)[0]) or list(range(width))
+        current = kept_inputs(projections(unit)[0]) or list(range(width))
         keep = [current[p] for p in alive.nonzero().flatten().tolist()]
         gather_block_inputs(unit, keep)
 
@@ -297,77 +154,25 @@ def compact_mlp(unit: MLPUnit, rule: CompactionRule) -> None:
 
 
 def compact(
-    model_or_pruner: nn.Module | NeuroPrune,
-    config: NeuroPruneConfig | None = None,
+    model_or_index: nn.Module | ModelIndex | Any,
+    config: Any = None,
     rule: CompactionRule | None = None,
-) -> NeuroPrune:
-    """Physically remove the structure a (finalised) NeuroPrune model has learned, in place.
+) -> ModelIndex:
+    """Physically remove the structure a finalised model has learned, in place.
 
-    Accepts a `NeuroPrune` (keeps its head history) or a plain model (wrapped with `config`).
-    Returns the `NeuroPrune` whose `model` is now compacted; save it with `save_pretrained` and
-    reload with `neuroprune.load`. Only exact zeros count: call `finalize()` first.
+    Accepts a `ModelIndex`, a sparse-training method (its index is used, so the head history is
+    kept) or a plain model (indexed with the discovery options of `config`, e.g. a
+    `NeuroPruneConfig`). Returns the `ModelIndex` whose `model` is now compacted; save it with
+    `save_pretrained` and reload with `neuroprune.load`. Only exact zeros count: finalize first.
     """
-    from .pruner import NeuroPrune
-
-    pruner = model_or_pruner
-    if not isinstance(pruner, NeuroPrune):
-        pruner = NeuroPrune(model_or_pruner, config)
+    index = model_or_index
+    if isinstance(getattr(index, "index", None), ModelIndex):  # a method: its index
+        index = index.index
+    if not isinstance(index, ModelIndex):
+        index = ModelIndex(model_or_index, config)
     rule = rule or CompactionRule()
-    for unit in pruner.attention:
+    for unit in index.attention:
         compact_attention(unit, rule)
-    for unit in pruner.mlps:
+    for unit in index.mlps:
         compact_mlp(unit, rule)
-    return pruner
-
-
-# --- checkpoints ------------------------------------------------------------------------------
-
-def compaction_structure(pruner: NeuroPrune) -> dict[str, Any]:
-    """The compacted shapes, by original indices (empty for a model that was never compacted)."""
-    out: dict[str, Any] = {}
-    neurons = {u.name: list(u.kept_neurons) for u in pruner.mlps if len(u.kept_neurons) < u.original_neurons}
-    inputs = {u.name: kept_inputs(_projections(u)[0]) for u in pruner.attention}
-    rows = {u.name: kept_outputs(u.down) for u in pruner.mlps}
-    biases = [u.name for u in pruner.mlps if u.added_contract_bias]
-    for key, value in (
-        ("mlp_neurons", neurons),
-        ("attention_inputs", {k: v for k, v in inputs.items() if v is not None}),
-        ("contract_rows", {k: v for k, v in rows.items() if v is not None}),
-        ("contract_biases", biases),
-    ):
-        if value:
-            out[key] = value
-    return out
-
-
-@torch.no_grad()
-def restore_compaction(pruner: NeuroPrune, structure: dict[str, Any]) -> None:
-    """Re-apply `compaction_structure` to a model whose heads are already restored, so that the
-    saved weights fit (the values themselves come from the weights file)."""
-    attention = _by_name(pruner.attention, structure.get("attention_inputs", {}), "attention blocks")
-    mlps = {u.name: u for u in pruner.mlps}
-    for key in ("mlp_neurons", "contract_rows"):
-        _by_name(pruner.mlps, structure.get(key, {}), "MLP blocks")
-    _by_name(pruner.mlps, dict.fromkeys(structure.get("contract_biases", [])), "MLP blocks")
-    for name, keep in structure.get("mlp_neurons", {}).items():
-        unit = mlps[name]
-        unit.keep_neurons(_positions(unit.kept_neurons, keep, f"neurons of {name}"))
-    for name in structure.get("contract_biases", []):
-        if mlps[name].down.bias is None:
-            add_bias(mlps[name].down)
-            mlps[name].added_contract_bias = True
-    for name, keep in structure.get("contract_rows", {}).items():
-        drop_output_rows(mlps[name].down, keep)
-    for name, keep in structure.get("attention_inputs", {}).items():
-        gather_block_inputs(attention[name], keep)
-
-
-def _by_name(units: list, saved: dict[str, Any], what: str) -> dict[str, Any]:
-    own = {u.name: u for u in units}
-    unknown = sorted(set(saved) - set(own))
-    if unknown:
-        raise CheckpointError(
-            f"the saved compaction structure names {what} this model does not have: {unknown[:5]}; "
-            "was it saved from a different model?"
-        )
-    return own
+    return index

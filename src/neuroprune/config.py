@@ -16,9 +16,11 @@ MergeMode = Literal["output", "mlp_input", "none"]
 MERGE_MODES: tuple[str, ...] = ("output", "mlp_input", "none")
 
 
-@dataclass
+@dataclass(frozen=True)
 class NeuroPruneConfig:
-    """Hyper-parameters of NeuroPrune (see `method.md`).
+    """Hyper-parameters of NeuroPrune (see `method.md`): what the user asked for. Frozen: values a
+    controller changes during training (the scaled alpha and beta, a steered theta) live in the
+    method's state (`NeuroPrune.alpha` / `.beta` / `.theta`), not here.
 
     Attributes:
         alpha: weight of the preferential-attachment l1 penalty on MLP rows (method.md sec. 1).

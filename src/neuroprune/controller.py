@@ -23,14 +23,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
-
-import torch
+from typing import Any
 
 from .errors import ConfigError
-
-if TYPE_CHECKING:
-    from .pruner import NeuroPrune
 
 
 def cubic_schedule(
@@ -48,24 +43,11 @@ def cubic_schedule(
     return final + (initial - final) * (1.0 - progress) ** 3
 
 
-@torch.no_grad()
-def near_zero_by_kind(pruner: NeuroPrune) -> dict[str, tuple[int, int]]:
-    """(entries with |w| < eps or removed, dense entries) per matrix kind ("q", "k", "v" or the
-    fused "qkv", "o", "up", "gate", "down") over all blocks: what `finalize()` would zero now."""
-    counts: dict[str, tuple[int, int]] = {}
-    eps = pruner.config.eps
-    for unit in [*pruner.attention, *pruner.mlps]:
-        for key, mat in unit.matrices().items():
-            dense = unit.original_numel[key]
-            zeros, total = counts.get(key, (0, 0))
-            counts[key] = (zeros + dense - mat.numel() + int((mat.abs() < eps).sum()), total + dense)
-    return counts
-
-
 def count_of(
     counts: dict[str, tuple[int, int]], kinds: set[str] | frozenset[str] | None = None
 ) -> tuple[int, int]:
-    """(zeros, entries) of the matrix kinds `kinds` (all when None) in `near_zero_by_kind` counts."""
+    """(zeros, entries) of the matrix kinds `kinds` (all when None) in `ModelIndex.near_zero_by_kind`
+    counts."""
     picked = [v for k, v in counts.items() if kinds is None or k in kinds]
     return sum(z for z, _ in picked), sum(t for _, t in picked)
 
@@ -74,12 +56,6 @@ def fraction(counts: dict[str, tuple[int, int]], kinds: set[str] | frozenset[str
     """Zeros over entries of the matrix kinds `kinds` (all when None)."""
     zeros, total = count_of(counts, kinds)
     return zeros / total if total else 0.0
-
-
-def near_zero_sparsity(pruner: NeuroPrune) -> float:
-    """The section 5 sparsity that `finalize()` would produce now: entries with |w| < eps in the
-    regularised matrices, plus everything already removed, over the dense shapes."""
-    return fraction(near_zero_by_kind(pruner))
 
 
 @dataclass

@@ -18,21 +18,14 @@ Sharded training (FSDP, DeepSpeed ZeRO) is refused by `refuse_sharded`: see its 
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .errors import NeuroPruneError
-
-if TYPE_CHECKING:
-    from .pruner import NeuroPrune
-
-
-class DistributedError(NeuroPruneError):
-    """Multi-process training was set up in a way NeuroPrune cannot follow."""
+from .errors import DistributedError
 
 
 SHARDED_REFUSAL = (
@@ -94,22 +87,6 @@ def same_on_all_ranks(value: Any) -> bool:
     gathered: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, value)
     return all(v == gathered[0] for v in gathered)
-
-
-def prune_redundant_heads(pruner: NeuroPrune, theta: float | None = None) -> dict[str, list[int]]:
-    """`pruner.prune_redundant_heads(theta)`, identical on every rank; call it on all ranks at once.
-
-    Returns the removed heads like the single-process method. Afterwards rebuild a DDP wrapper
-    with `rewrap_ddp` and remap the optimiser with `pruner.last_changes`.
-    """
-    broadcast_parameters(pruner.model)
-    removed = pruner.prune_redundant_heads(theta)
-    if not same_on_all_ranks(pruner.head_structure()):
-        raise DistributedError(
-            "ranks disagree on the heads left after pruning although their weights were "
-            "synchronised first; are all ranks running the same model, config and theta?"
-        )
-    return removed
 
 
 def rewrap_ddp(wrapper: DistributedDataParallel) -> DistributedDataParallel:

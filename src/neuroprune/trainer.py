@@ -1,21 +1,19 @@
-"""`transformers.Trainer` integration: one subclass, `NeuroPruneTrainer`, that runs a sparse-training
-*method* inside the ordinary Trainer loop.
+"""`transformers.Trainer` integration: one subclass, `NeuroPruneTrainer`, that runs any
+`SparsityMethod` inside the ordinary Trainer loop, driven by one callback.
 
-A method (`PruningMethod`) owns the regulariser added to the loss and the structural changes made
-at the end of steps and epochs; the trainer only adds the regulariser, keeps the optimiser (and so
-its LR scheduler, which holds the same param groups) in step with removed parameters, logs the
-method's values next to the loss, and saves / restores the method's state in checkpoints. The
-NeuroPrune method is `NeuroPruneMethod`; other methods plug in the same way.
+The method owns the regulariser added to the loss and the structural changes made at the end of
+steps and epochs; the trainer only adds the regulariser, keeps the optimiser (and so its LR
+scheduler, which holds the same param groups) in step with removed parameters, logs the method's
+values next to the loss, and saves / restores the method's state in checkpoints.
 
-    pruner = NeuroPrune(model, NeuroPruneConfig(alpha=1e-4, beta=1e-4, theta=0.15))
-    trainer = NeuroPruneTrainer(model=model, args=args, train_dataset=train, pruner=pruner)
+    method = NeuroPrune(model, NeuroPruneConfig(alpha=1e-4, beta=1e-4, theta=0.15))
+    trainer = NeuroPruneTrainer(model=model, args=args, train_dataset=train, method=method)
     trainer.train()          # penalties in the loss, heads pruned every epoch, finalised at the end
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -24,118 +22,25 @@ from transformers import Seq2SeqTrainer, Trainer, TrainerCallback
 
 from . import distributed
 from .errors import NeuroPruneError
+from .files import write_json
 from .guards import check_loss, check_weights, newest_good_checkpoint, write_manifest
+from .methods import Dense, SparsityMethod
 from .optim import remap_optimizer
-from .pruner import NeuroPrune
 from .surgery import ParamChange
 
 METHOD_STATE_FILE = "neuroprune_method.json"
 
 
-class PruningMethod:
-    """What a sparse-training method contributes to a training loop. Every hook has a no-op
-    default, so a method overrides only what it needs. Hooks that change the model's structure
-    return the `ParamChange`s so the caller can update its optimiser."""
-
-    name = "dense"
-
-    def regularization_loss(self) -> torch.Tensor | None:
-        """Added to the task loss on every training micro-batch (None: nothing to add)."""
-        return None
-
-    def on_step_end(self, step: int) -> list[ParamChange]:
-        """After optimiser step `step` (1-based global step)."""
-        return []
-
-    def on_epoch_end(self, epoch: int) -> list[ParamChange]:
-        """After the last step of epoch `epoch` (0-based), before that epoch's evaluation."""
-        return []
-
-    def on_train_end(self) -> None:
-        """After the last step, before the final model is saved."""
-
-    def log_values(self, detailed: bool = False) -> dict[str, float]:
-        """Scalars for the Trainer's logs; `detailed` (evaluation logs) may add per-layer ones."""
-        return {}
-
-    def state_dict(self) -> dict[str, Any]:
-        """JSON-serialisable state saved in every checkpoint (structure, schedules)."""
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore `state_dict()` on a freshly loaded dense model, before its weights load."""
-
-
-class NeuroPruneMethod(PruningMethod):
-    """NeuroPrune: both penalties in the loss, redundant heads removed at the end of every epoch
-    (and every `prune_every_steps` steps if > 0, for runs of one long epoch), finalised at the end."""
-
-    name = "neuroprune"
-
-    def __init__(self, pruner: NeuroPrune, prune_every_steps: int = 0) -> None:
-        if prune_every_steps < 0:
-            raise NeuroPruneError(f"prune_every_steps must be >= 0, got {prune_every_steps}.")
-        self.pruner = pruner
-        self.prune_every_steps = prune_every_steps
-        self._pruned_at: int | None = None
-        self._step = 0
-
-    def regularization_loss(self) -> torch.Tensor | None:
-        cfg = self.pruner.config
-        return self.pruner.regularization_loss() if (cfg.alpha or cfg.beta) else None
-
-    def _prune(self) -> list[ParamChange]:
-        if self._pruned_at == self._step:  # a step-end pass already ran at this very step
-            return []
-        self._pruned_at = self._step
-        distributed.prune_redundant_heads(self.pruner)  # the same decision on every rank
-        return self.pruner.last_changes
-
-    def on_step_end(self, step: int) -> list[ParamChange]:
-        self._step = step
-        if self.prune_every_steps and step % self.prune_every_steps == 0:
-            return self._prune()
-        return []
-
-    def on_epoch_end(self, epoch: int) -> list[ParamChange]:
-        return self._prune()
-
-    def on_train_end(self) -> None:
-        cfg = self.pruner.config
-        if cfg.alpha or cfg.beta:  # without a penalty there is nothing to finalise: dense stays dense
-            self.pruner.finalize()
-
-    def log_values(self, detailed: bool = False) -> dict[str, float]:
-        rep = self.pruner.sparsity_report()
-        with torch.no_grad():
-            penalties = self.pruner.penalties()
-        values: dict[str, float] = {
-            "sparsity": rep.sparsity,
-            "model_sparsity": rep.model_sparsity,
-            "heads_kept": rep.heads_kept,
-            "heads_total": rep.heads_total,
-            "penalty_mlp": float(penalties["mlp"]),
-            "penalty_attention": float(penalties["attention"]),
-        }
-        if detailed:
-            for layer in rep.layers:
-                values[f"sparsity/{layer.name}"] = layer.sparsity
-                if layer.degree is not None:
-                    values[f"degree_sd/{layer.name}"] = layer.degree.sd_percent
-        return values
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"structure": self.pruner.structure(), "config": self.pruner.config.to_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.pruner.restore_structure(state["structure"])
-
-
 class _MethodCallback(TrainerCallback):
-    """Drives the method's hooks from the Trainer's events."""
+    """Drives every hook of the method from the Trainer's events (`on_train_begin` included:
+    it runs after a resumed checkpoint's weights and optimiser state are loaded)."""
 
     def __init__(self, trainer: NeuroPruneMixin) -> None:
         self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        optimizer = optimizer if optimizer is not None else self.trainer.optimizer
+        self.trainer.method.on_train_begin(state.max_steps, getattr(optimizer, "optimizer", optimizer))
 
     def on_step_end(self, args, state, control, **kwargs):
         self.trainer.apply_changes(self.trainer.method.on_step_end(state.global_step))
@@ -160,11 +65,9 @@ class _MethodCallback(TrainerCallback):
         self.trainer.method.on_train_end()
 
 
-def write_method_state(folder: Path, method: PruningMethod) -> None:
+def write_method_state(folder: Path, method: SparsityMethod) -> None:
     """Written last into a checkpoint folder, so its presence also marks the checkpoint complete."""
-    tmp = folder / f".{METHOD_STATE_FILE}.tmp"
-    tmp.write_text(json.dumps({"method": method.name, "state": method.state_dict()}))
-    os.replace(tmp, folder / METHOD_STATE_FILE)
+    write_json(folder / METHOD_STATE_FILE, {"method": method.name, "state": method.state_dict()}, indent=None)
 
 
 def read_method_state(folder: str | Path) -> dict[str, Any]:
@@ -181,25 +84,25 @@ def read_method_state(folder: str | Path) -> dict[str, Any]:
 
 
 class NeuroPruneMixin:
-    """The NeuroPrune behaviour, mixed into `Trainer` and `Seq2SeqTrainer` below.
+    """The method's behaviour, mixed into `Trainer` and `Seq2SeqTrainer` below.
 
-    Pass either `pruner` (a `NeuroPrune`, run with `NeuroPruneMethod`) or `method` (any
-    `PruningMethod`). With neither, it behaves exactly like the base Trainer.
+    `method` is any `SparsityMethod` (`NeuroPrune`, a baseline, or your own) built on the same
+    model. Without one, the trainer trains densely (the `Dense` method: measured and logged, no
+    penalty), which is exactly the base Trainer's computation.
     """
 
-    def __init__(
-        self,
-        *args: Any,
-        pruner: NeuroPrune | None = None,
-        method: PruningMethod | None = None,
-        prune_every_steps: int = 0,
-        **kwargs: Any,
-    ) -> None:
-        if pruner is not None and method is not None:
-            raise NeuroPruneError("pass either pruner= or method= to NeuroPruneTrainer, not both.")
-        self.method: PruningMethod = method or (
-            NeuroPruneMethod(pruner, prune_every_steps) if pruner is not None else PruningMethod()
-        )
+    def __init__(self, *args: Any, method: SparsityMethod | None = None, **kwargs: Any) -> None:
+        if method is not None and not isinstance(method, SparsityMethod):
+            raise NeuroPruneError(
+                f"method= must be a neuroprune SparsityMethod (e.g. NeuroPrune(model, config) or "
+                f"build_method(...)), got {type(method).__name__}."
+            )
+        model = kwargs.get("model", args[0] if args else None)
+        if method is None:
+            method = Dense(model)
+        elif model is not None and method.model is not model:
+            raise NeuroPruneError("method= was built on another model than the one given to the trainer.")
+        self.method: SparsityMethod = method
         # First, so that the method's state is in a checkpoint before any user callback sees it.
         kwargs["callbacks"] = [_MethodCallback(self), *(kwargs.get("callbacks") or [])]
         self.last_good_checkpoint: str | None = None  # named when the loss turns non-finite
@@ -211,7 +114,7 @@ class NeuroPruneMixin:
             model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
         )
         reg = self.method.regularization_loss() if model.training else None
-        if reg is None:
+        if reg is None or not reg.requires_grad:  # no penalty (dense, GMP, proximal steps)
             return result
         if self._loss_scaled_for_ga(num_items_in_batch):
             # The task loss is already normalised over the whole accumulated batch, so the Trainer
@@ -225,8 +128,9 @@ class NeuroPruneMixin:
 
     def _loss_scaled_for_ga(self, num_items_in_batch: Any) -> bool:
         """The Trainer's own rule (`training_step`) for whether it divides the loss by the steps."""
-        if self.loss_is_scaled_for_ga is not None:
-            return self.loss_is_scaled_for_ga
+        scaled = getattr(self, "loss_is_scaled_for_ga", None)  # transformers >= 5.17 only
+        if scaled is not None:
+            return scaled
         return bool(self.model_accepts_loss_kwargs and num_items_in_batch is not None) or (
             self.compute_loss_func is not None
         )

@@ -1,0 +1,118 @@
+"""The baselines NeuroPrune is compared with, on exactly the matrices it counts (method.md section
+5: Q, K, V, O and the MLP matrices of every block, found by the same `ModelIndex`), so sparsity and
+compaction numbers are comparable:
+
+- `Dense`: plain fine-tuning, measured and reported like the others;
+- `L1`: plain l1 (the paper's baseline for T5 and OPT), sum |w|, no preferential attachment, no
+  groups, no head removal; steered to a target like NeuroPrune;
+- `GMP`: gradual magnitude pruning (Zhu & Gupta 2017), unstructured, every matrix pruned to the
+  same sparsity by weight magnitude on the cubic schedule, masks re-applied after every step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import NeuroPruneConfig
+from ..controller import SparsityTarget, cubic_schedule
+from ..errors import ConfigError
+from ..index import ALL_KINDS, ModelIndex
+from ..surgery import ParamChange
+from .base import SparsityMethod
+from .penalty import Part, PenaltyMethod
+
+
+class Dense(SparsityMethod):
+    """Plain fine-tuning: no penalty, nothing finalised (a dense model stays dense)."""
+
+    name = "dense"
+
+
+class L1(PenaltyMethod):
+    """Plain l1, alpha * sum |w|, on every counted matrix (W^O included)."""
+
+    name = "l1"
+
+    def define_parts(self) -> list[Part]:
+        return [Part("all", "alpha", ALL_KINDS)]
+
+    def part_penalty(self, parts: list[Part]) -> torch.Tensor:
+        zero = torch.zeros((), device=self.device)
+        return self.alpha * sum((m.abs().sum() for m in self.index.counted_matrices()), zero)
+
+
+@torch.no_grad()
+def magnitude_mask(mat: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Boolean keep-mask zeroing the `round(sparsity * numel)` smallest-magnitude entries of `mat`
+    (entries already zero go first, so a mask never un-prunes)."""
+    n_prune = int(round(sparsity * mat.numel()))
+    keep = torch.ones_like(mat, dtype=torch.bool)
+    if n_prune > 0:
+        smallest = mat.abs().flatten().topk(n_prune, largest=False).indices
+        keep.view(-1)[smallest] = False
+    return keep
+
+
+class GMP(SparsityMethod):
+    """Zhu & Gupta's gradual pruning: every `interval` steps inside the ramp (and at the last
+    step, so the run ends exactly at the target), recompute the masks at the scheduled sparsity;
+    after every optimiser step, re-apply them. The masks are exact zeros, so nothing is finalised.
+
+    Runtime state: `current`, the sparsity of the masks in force (saved in checkpoints); the masks
+    themselves are the zeros of the weights, rebuilt from them in `on_train_begin` after a resume.
+    """
+
+    name = "gmp"
+
+    def __init__(self, model: nn.Module | ModelIndex, config: NeuroPruneConfig | None = None,
+                 target: SparsityTarget | float | None = None, interval: int = 10) -> None:
+        super().__init__(model, config)
+        if target is None:
+            raise ConfigError("GMP needs a target sparsity (the sparsity to prune to).")
+        self.target = target if isinstance(target, SparsityTarget) else SparsityTarget(target)
+        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
+            raise ConfigError(f"GMP interval must be a whole number >= 1, got {interval!r}.")
+        self.interval = interval
+        self.current = 0.0
+        self.masks: list[torch.Tensor] | None = None
+
+    def sparsity_at(self, step: int) -> float:
+        t = self.target
+        return cubic_schedule(step, self.total_steps, t.sparsity, 0.0, t.ramp_begin, t.ramp_end)
+
+    @torch.no_grad()
+    def on_train_begin(self, total_steps: int, optimizer: torch.optim.Optimizer | None = None) -> None:
+        super().on_train_begin(total_steps, optimizer)
+        # after a resume the checkpoint's weights are loaded by now: their zeros are the masks
+        self.masks = [m != 0 for m in self.index.counted_matrices()] if self.current > 0 else None
+
+    @torch.no_grad()
+    def on_step_end(self, step: int) -> list[ParamChange]:
+        super().on_step_end(step)
+        due = step % self.interval == 0 or step >= self.total_steps
+        target = self.sparsity_at(step)
+        if due and target != self.current:
+            self.current = target
+            self.masks = [magnitude_mask(m, target) for m in self.index.counted_matrices()]
+        self.apply()
+        return []
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        if self.masks is None:
+            return
+        for mat, keep in zip(self.index.counted_matrices(), self.masks):
+            mat.masked_fill_(~keep, 0.0)
+
+    def log_values(self, detailed: bool = False) -> dict[str, float]:
+        return {**super().log_values(detailed), "target_sparsity_now": self.current}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "gmp_sparsity": self.current}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.current = float(state.get("gmp_sparsity", 0.0))

@@ -1,0 +1,241 @@
+"""`NeuroPrune`: the paper's method (method.md): preferential-attachment l1 on MLP rows (alpha),
+l_{1,0.5} groups on the input dimensions of [Q, K, V] (beta), and redundant heads removed by a
+dominating set of the head-similarity graph (theta), optionally steered to a target sparsity and a
+target number of heads."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import distributed
+from ..config import NeuroPruneConfig
+from ..controller import SparsityTarget, cubic_schedule
+from ..errors import ConfigError, DistributedError, NeuroPruneError
+from ..heads import group_distances, prune_unit, redundant_groups, similarity_from_distances
+from ..index import ATTENTION_KINDS, MLP_KINDS, ModelIndex
+from ..penalties import attention_penalty, mlp_penalty, output_penalty
+from ..surgery import ParamChange
+from .penalty import Part, PenaltyMethod
+
+# The head target is reached after this fraction of the sparsity ramp: zeros a head-pruning pass
+# adds cannot be taken back, so the penalties must still have room to make up for them.
+HEADS_RAMP = 0.5
+
+
+class NeuroPrune(PenaltyMethod):
+    """NeuroPrune on one model.
+
+    Example (plain loop, penalties in the loss as in the paper)::
+
+        pruner = NeuroPrune(model, NeuroPruneConfig(alpha=1e-4, beta=1e-4, theta=0.15))
+        loss = task_loss + pruner.regularization_loss()
+        removed = pruner.prune_redundant_heads()   # after each epoch
+        remap_optimizer(optimizer, pruner.last_changes)
+        pruner.finalize()                          # at the end
+        print(pruner.sparsity_report())
+
+    With `target` (a `SparsityTarget`), alpha and beta are steered to it and applied as proximal
+    steps; with `target.heads`, theta is steered to that number of heads. Heads are removed at the
+    end of every epoch and every `prune_every_steps` steps when > 0. Runtime state: `alpha`,
+    `beta` (see `PenaltyMethod`) and `theta`, the threshold the next pass uses.
+    """
+
+    name = "neuroprune"
+
+    def __init__(self, model: nn.Module | ModelIndex, config: NeuroPruneConfig | None = None,
+                 target: SparsityTarget | None = None, prune_every_steps: int = 0,
+                 proximal: bool | None = None) -> None:
+        super().__init__(model, config, target, proximal)
+        if isinstance(prune_every_steps, bool) or not isinstance(prune_every_steps, int) or prune_every_steps < 0:
+            raise NeuroPruneError(f"prune_every_steps must be a whole number >= 0, got {prune_every_steps!r}.")
+        self.prune_every_steps = prune_every_steps
+        self.theta = self.config.theta
+        self.last_changes: list[ParamChange] = []
+        self._pruned_at: int | None = None
+        if target is not None and target.heads is not None:
+            self._check_head_target(target)
+
+    def _check_head_target(self, target: SparsityTarget) -> None:
+        heads, units = target.heads, self.index.attention
+        if not self.config.prune_heads:
+            raise ConfigError("a target number of heads needs head pruning: drop prune_heads=False.")
+        fewest = sum(u.group_size for u in units)  # one head (key/value group) per block
+        most = sum(u.original_heads for u in units)
+        if not fewest <= heads <= most:
+            raise ConfigError(
+                f"target number of heads {heads} is out of range for this model: it has {most} heads "
+                f"in {len(units)} attention blocks, and every block keeps at least one ({fewest} in all)."
+            )
+        attention = sum(sum(u.original_numel.values()) for u in units)
+        counted = attention + sum(sum(m.original_numel.values()) for m in self.index.mlps)
+        implied = (1 - heads / most) * attention / counted
+        if implied > target.sparsity + 0.02:
+            raise ConfigError(
+                f"keeping {heads} of {most} heads removes {implied:.1%} of the counted weights by "
+                f"itself, more than the target sparsity {target.sparsity:.1%}: ask for more heads "
+                "or a higher sparsity."
+            )
+
+    # --- regularisation ------------------------------------------------------------------------
+    def define_parts(self) -> list[Part]:
+        kinds = MLP_KINDS | ({"o"} if self.config.output_penalty else set())
+        return [Part("mlp", "alpha", frozenset(kinds)), Part("attention", "beta", ATTENTION_KINDS)]
+
+    def penalties(self) -> dict[str, torch.Tensor]:
+        """Unweighted sums of R_MLP and R_attn (and R_O when `output_penalty` is on) over all
+        blocks (differentiable)."""
+        zero = torch.zeros((), device=self.device)
+        eps, tiny = self.config.eps, self.config.tiny
+        values = {
+            "mlp": sum((mlp_penalty(u, eps) for u in self.index.mlps), zero),
+            "attention": sum((attention_penalty(u, tiny) for u in self.index.attention), zero),
+        }
+        if self.config.output_penalty:
+            values["output"] = sum((output_penalty(u, eps) for u in self.index.attention), zero)
+        return values
+
+    def weighted_penalties(self, weights: tuple[str, ...] = ("alpha", "beta")) -> dict[str, torch.Tensor]:
+        """The penalty each weight carries, its current value applied: ``"alpha"``: alpha * sum
+        R_MLP (+ sum R_O with `output_penalty`); ``"beta"``: beta * sum R_attn. Only the weights
+        asked for are computed, and a weight that is 0 is left out."""
+        cfg, out = self.config, {}
+        if "alpha" in weights and self.alpha:
+            r = sum(mlp_penalty(u, cfg.eps) for u in self.index.mlps)
+            if cfg.output_penalty:
+                r = r + sum(output_penalty(u, cfg.eps) for u in self.index.attention)
+            out["alpha"] = self.alpha * r
+        if "beta" in weights and self.beta:
+            out["beta"] = self.beta * sum(attention_penalty(u, cfg.tiny) for u in self.index.attention)
+        return out
+
+    def part_penalty(self, parts: list[Part]) -> torch.Tensor:
+        zero = torch.zeros((), device=self.device)
+        return sum(self.weighted_penalties(tuple(p.weight for p in parts)).values(), zero)
+
+    # --- heads ---------------------------------------------------------------------------------
+    def prune_redundant_heads(self, theta: float | None = None) -> dict[str, list[int]]:
+        """Remove heads that duplicate another head (within `theta`, default the current
+        `self.theta`, in l_inf), layer by layer; under torch.distributed the same decision is
+        made on every rank (weights broadcast from rank 0 first). Returns ``{attention module
+        name: [removed original head indices]}``; the parameter changes are in `last_changes`."""
+        theta = self.theta if theta is None else theta
+        self.last_changes = []
+        if not self.config.prune_heads:
+            return {}
+        if distributed.is_distributed():
+            distributed.broadcast_parameters(self.model)
+        removed: dict[str, list[int]] = {}
+        events = []
+        for unit in self.index.attention:
+            event, changes = prune_unit(unit, theta, self.config.merge, self.index.layer_mlp[unit.name])
+            if event is not None:
+                removed[unit.name] = event.removed_heads
+                events.append({"theta": theta, **dataclasses.asdict(event)})
+                self.last_changes += changes
+        self.index.record_pass(events)
+        if distributed.is_distributed() and not distributed.same_on_all_ranks(self.index.head_structure()):
+            raise DistributedError(
+                "ranks disagree on the heads left after pruning although their weights were "
+                "synchronised first; are all ranks running the same model, config and theta?"
+            )
+        return removed
+
+    @torch.no_grad()
+    def theta_for_heads(self, heads: int) -> float | None:
+        """The largest theta at which one `prune_redundant_heads` pass would leave at least
+        `heads` query heads in the model (None: even theta = 0, identical heads only, leaves
+        fewer). What a pass removes changes only where theta crosses a pairwise distance, so
+        those distances are the candidates, bisected: larger theta keeps fewer heads (the greedy
+        can break this order; the theta returned still keeps at least `heads`)."""
+        dists = [(u, group_distances(u.group_blocks())) for u in self.index.attention]
+
+        def kept(theta: float) -> int:
+            removed = [(u, len(redundant_groups(similarity_from_distances(d, theta)))) for u, d in dists]
+            return sum((u.num_kv_heads - r) * u.group_size for u, r in removed)
+
+        pairs = [d[torch.triu(torch.ones_like(d, dtype=torch.bool), 1)] for _, d in dists]
+        candidates = sorted({0.0, *torch.cat(pairs).tolist()}) if pairs else [0.0]
+        if kept(candidates[0]) < heads:
+            return None
+        lo, hi = 0, len(candidates) - 1
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if kept(candidates[mid]) >= heads else (lo, mid - 1)
+        return candidates[lo]
+
+    def heads_target(self, step: int) -> int | None:
+        """The scheduled number of heads for `step` (None without a head target)."""
+        t = self.target
+        if t is None or t.heads is None:
+            return None
+        total = sum(u.original_heads for u in self.index.attention)
+        end = t.ramp_begin + HEADS_RAMP * (t.ramp_end - t.ramp_begin)
+        scheduled = cubic_schedule(step, self.total_steps, t.heads, total, t.ramp_begin, end)
+        return math.ceil(scheduled - 1e-9)
+
+    def _pass(self) -> list[ParamChange]:
+        """One head-pruning pass at the current step (at most one per step)."""
+        if self._pruned_at == self.step:
+            return []
+        self._pruned_at = self.step
+        goal = self.heads_target(self.step)
+        if goal is not None:
+            theta = self.theta_for_heads(goal)
+            if theta is None:  # only identical heads could go, and even they are too many
+                return []
+            self.theta = theta
+        self.prune_redundant_heads()
+        return self.last_changes
+
+    # --- hooks ---------------------------------------------------------------------------------
+    def on_train_begin(self, total_steps: int, optimizer: torch.optim.Optimizer | None = None) -> None:
+        super().on_train_begin(total_steps, optimizer)
+        t = self.target
+        if t is not None and t.heads is not None and not self.prune_every_steps:
+            # passes at epoch ends only would fall after the head ramp: ~10 passes inside it
+            ramp_steps = HEADS_RAMP * (t.ramp_end - t.ramp_begin) * total_steps
+            self.prune_every_steps = max(1, round(ramp_steps / 10))
+
+    def structural_step(self, step: int) -> list[ParamChange]:
+        if self.prune_every_steps and step % self.prune_every_steps == 0:
+            return self._pass()
+        return []
+
+    def on_epoch_end(self, epoch: int) -> list[ParamChange]:
+        changes = self._pass()
+        super().on_epoch_end(epoch)  # after the pass: the zeros it made are held too
+        return changes
+
+    # --- logs and state ------------------------------------------------------------------------
+    def log_values(self, detailed: bool = False) -> dict[str, float]:
+        values = super().log_values(detailed)
+        if self.parts:
+            with torch.no_grad():
+                penalties = self.penalties()
+            values.update(penalty_mlp=float(penalties["mlp"]), penalty_attention=float(penalties["attention"]))
+        values["theta"] = self.theta
+        goal = self.heads_target(self.step)
+        if goal is not None:
+            values["target_heads_now"] = goal
+        return values
+
+    def summary(self) -> dict[str, Any]:
+        out = {**super().summary(), "theta": self.theta}
+        if self.target is not None and self.target.heads is not None:
+            out.update(target_heads=self.target.heads, heads_kept=self.sparsity_report().heads_kept)
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "theta": self.theta, "pruned_at": self._pruned_at,
+                "prune_every_steps": self.prune_every_steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.theta = float(state.get("theta", self.theta))
+        self._pruned_at = state.get("pruned_at")
+        self.prune_every_steps = int(state.get("prune_every_steps", self.prune_every_steps))
