@@ -79,26 +79,26 @@ def test_second_and_third_removal_passes_are_exact(family):
     randomize_biases(model)
     pruner = NeuroPrune(model, NeuroPruneConfig(theta=1e-6))
     x = tiny_inputs(family)
-    gs = pruner.attention[0].group_size
-    assert all(u.num_kv_heads == 4 for u in pruner.attention)
+    gs = pruner.index.attention[0].group_size
+    assert all(u.num_kv_heads == 4 for u in pruner.index.attention)
     originals = {}
     for step, dropped in enumerate((0, 1, 2)):
-        for unit in pruner.attention:
+        for unit in pruner.index.attention:
             make_identical(model, unit, src=1, dst=0)
         if step == 0:  # after the first copy: the O slices and Q/K/V the hand computation uses
             originals = {u.name: ([m.detach().clone() for m in u.qkv_matrices()],
-                                  weight_matrix(u.o).detach().clone()) for u in pruner.attention}
+                                  weight_matrix(u.o).detach().clone()) for u in pruner.index.attention}
         before = main_output(model, x)
         removed = pruner.prune_redundant_heads(theta=1e-6)
         after = main_output(model, x)
         heads = [dropped * gs + t for t in range(gs)]
-        assert removed == {u.name: heads for u in pruner.attention}, (step, removed)
+        assert removed == {u.name: heads for u in pruner.index.attention}, (step, removed)
         kept = [g * gs + t for g in range(dropped + 1, 4) for t in range(gs)]
-        assert all(u.kept_heads == kept for u in pruner.attention), step
-        assert all(u.num_heads == len(kept) and u.num_kv_heads == 3 - step for u in pruner.attention)
+        assert all(u.kept_heads == kept for u in pruner.index.attention), step
+        assert all(u.num_heads == len(kept) and u.num_kv_heads == 3 - step for u in pruner.index.attention)
         torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-4)
 
-    for unit in pruner.attention:
+    for unit in pruner.index.attention:
         (q0, k0, v0), o0 = originals[unit.name]
         q, k, v = unit.qkv_matrices()
         h = unit.head_dim
@@ -146,7 +146,7 @@ def test_wholly_dead_key_value_group_is_removed_exactly(family):
     model = tiny_model(family)
     randomize_biases(model)
     pruner = NeuroPrune(model)
-    for unit in pruner.attention:
+    for unit in pruner.index.attention:
         kill_query_heads(unit, [2, 3])
         kill_kv_rows(unit, 1)
     x = tiny_inputs(family)
@@ -158,8 +158,8 @@ def test_wholly_dead_key_value_group_is_removed_exactly(family):
     per_block = 2 * h * d + 2 * (h * d) + d * 2 * h  # q rows, k + v rows, o columns
     if model.model.layers[0].self_attn.q_proj.bias is not None:  # qwen2: q/k/v biases
         per_block += 2 * h + 2 * h
-    assert count(model) == params - len(pruner.attention) * per_block
-    for layer, unit in zip(model.model.layers, pruner.attention):
+    assert count(model) == params - len(pruner.index.attention) * per_block
+    for layer, unit in zip(model.model.layers, pruner.index.attention):
         attn = layer.self_attn
         assert (attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features,
                 attn.o_proj.in_features) == (16, 8, 8, 16)
@@ -173,7 +173,7 @@ def test_partly_dead_key_value_group_is_kept(family):
     model = tiny_model(family)
     randomize_biases(model)
     pruner = NeuroPrune(model)
-    for unit in pruner.attention:
+    for unit in pruner.index.attention:
         kill_query_heads(unit, [1])
     x = tiny_inputs(family)
     expected = main_output(model, x)
@@ -181,7 +181,7 @@ def test_partly_dead_key_value_group_is_kept(family):
     neuroprune.compact(pruner, rule=HEADS_ONLY)
     torch.testing.assert_close(main_output(model, x), expected, atol=1e-5, rtol=0)
     assert count(model) == params
-    assert all(u.kept_heads == [0, 1, 2, 3] and u.num_kv_heads == 2 for u in pruner.attention)
+    assert all(u.kept_heads == [0, 1, 2, 3] and u.num_kv_heads == 2 for u in pruner.index.attention)
 
 
 @pytest.mark.parametrize("family", GQA)
@@ -189,13 +189,13 @@ def test_dead_query_heads_of_both_groups_keep_both(family):
     """One dead query head in each group (0 and 3): neither group is wholly dead."""
     model = tiny_model(family)
     pruner = NeuroPrune(model)
-    for unit in pruner.attention:
+    for unit in pruner.index.attention:
         kill_query_heads(unit, [0, 3])
     x = tiny_inputs(family)
     expected = main_output(model, x)
     neuroprune.compact(pruner, rule=HEADS_ONLY)
     torch.testing.assert_close(main_output(model, x), expected, atol=1e-5, rtol=0)
-    assert all(u.num_kv_heads == 2 for u in pruner.attention)
+    assert all(u.num_kv_heads == 2 for u in pruner.index.attention)
 
 
 @pytest.mark.parametrize("family", ["bert", "gpt2", "gpt_neox", "t5", "bart", "mpnet"])
@@ -206,20 +206,20 @@ def test_dead_heads_after_a_removal_pass_are_compacted_at_their_positions(family
     model = tiny_model(family)
     randomize_biases(model)
     pruner = NeuroPrune(model, NeuroPruneConfig(theta=1e-6))
-    for unit in pruner.attention:
+    for unit in pruner.index.attention:
         make_identical(model, unit, src=1, dst=0)
     assert pruner.prune_redundant_heads()
-    for unit in pruner.attention:
+    for unit in pruner.index.attention:
         kill_query_heads(unit, [1])
     x = tiny_inputs(family)
     expected = main_output(model, x)
-    o_before = {u.name: weight_matrix(u.o).detach().clone() for u in pruner.attention}
+    o_before = {u.name: weight_matrix(u.o).detach().clone() for u in pruner.index.attention}
     params = count(model)
     neuroprune.compact(pruner, rule=HEADS_ONLY)
     torch.testing.assert_close(main_output(model, x), expected, atol=1e-5, rtol=0)
-    h = pruner.attention[0].head_dim
+    h = pruner.index.attention[0].head_dim
     removed = 0
-    for unit in pruner.attention:
+    for unit in pruner.index.attention:
         assert unit.kept_heads == [1, 3] and unit.num_heads == 2
         o = o_before[unit.name]
         by_hand = torch.cat([o[:, 0:h], o[:, 2 * h:3 * h]], dim=1)  # positions 0 and 2 survive
@@ -236,7 +236,7 @@ def test_cli_compact_refuses_when_outputs_move(tmp_path, capsys, monkeypatch):
     import neuroprune.compaction as compaction
 
     pruner = NeuroPrune(tiny_model("bert"), NeuroPruneConfig(theta=1e-6))
-    for unit in pruner.attention:
+    for unit in pruner.index.attention:
         kill_query_heads(unit, [2])
     run = tmp_path / "run"
     pruner.save_pretrained(run / "model")
@@ -261,5 +261,5 @@ def test_cli_compact_refuses_when_outputs_move(tmp_path, capsys, monkeypatch):
     meta = json.loads((run / "compact" / "neuroprune.json").read_text())
     h, d = 8, 32  # one dead head per block: 3 * 8 rows (+ biases) of Q/K/V, 8 columns of O
     assert meta["compaction"]["parameters_before"] - meta["compaction"]["parameters_after"] == (
-        len(pruner.attention) * (3 * h * d + 3 * h + d * h)
+        len(pruner.index.attention) * (3 * h * d + 3 * h + d * h)
     )
