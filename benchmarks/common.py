@@ -16,6 +16,7 @@ import torch
 import transformers
 
 import neuroprune
+from neuroprune.files import write_text as write_atomic  # noqa: F401 (the benchmarks' writer)
 
 
 def machine() -> dict[str, Any]:
@@ -53,10 +54,3 @@ def summary(times: list[float]) -> dict[str, float]:
     q = statistics.quantiles(times, n=4) if len(times) > 1 else times * 3
     return {"median_s": statistics.median(times), "q1_s": q[0], "q3_s": q[2],
             "min_s": min(times), "n": len(times)}
-
-
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)

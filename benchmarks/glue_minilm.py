@@ -19,7 +19,7 @@ import platform
 from pathlib import Path
 from typing import Any
 
-from neuroprune.files import write_json
+from neuroprune.files import write_json, write_text
 from neuroprune.run_folder import versions
 from neuroprune.settings import TrainSettings
 from neuroprune.train import train_run
@@ -121,9 +121,7 @@ def write(out: dict[str, Any]) -> None:
         table(out["results"]),
         "",
     ]
-    tmp = RESULTS / ".glue_minilm.md.tmp"
-    tmp.write_text("\n".join(md))
-    tmp.replace(RESULTS / "glue_minilm.md")
+    write_text(RESULTS / "glue_minilm.md", "\n".join(md))
 
 
 def main() -> None:
