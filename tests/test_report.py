@@ -11,7 +11,9 @@ import torch
 
 from neuroprune import NeuroPrune, NeuroPruneConfig
 from neuroprune.cli import main
-from neuroprune.report import ReportError, analyse_run, build_report
+from neuroprune.errors import ReportError
+from neuroprune.report import build_report
+from neuroprune.report_runs import analyse_run
 
 from tiny import duplicate_group, tiny_model
 
@@ -28,17 +30,17 @@ def make_run(root: Path, seed: int = 0, keep: float = 0.5, start_model: bool = T
     pruner = NeuroPrune(model, NeuroPruneConfig())
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for unit in pruner.mlps:
+        for unit in pruner.index.mlps:
             w = unit.expand_matrices()[0]
             share = (torch.rand(w.shape[0], generator=g) ** 3) * keep * 2  # most neurons sparse
             w.mul_((torch.rand(w.shape, generator=g) < share[:, None]).float())
             w[:3] = 0.0  # three dead neurons
-        for unit in pruner.attention:
+        for unit in pruner.index.attention:
             for m in unit.qkv_matrices():
                 m[:, :4] = 0.0  # input dimensions 0..3 cut off from attention
-        duplicate_group(model, pruner.attention[0], 0, 1)
-        duplicate_group(model, pruner.attention[0], 0, 2)
-        duplicate_group(model, pruner.attention[1], 3, 2)
+        duplicate_group(model, pruner.index.attention[0], 0, 1)
+        duplicate_group(model, pruner.index.attention[0], 0, 2)
+        duplicate_group(model, pruner.index.attention[1], 3, 2)
     removed = pruner.prune_redundant_heads(theta=1e-6)  # only exact copies
     assert removed, "the duplicated heads must be removed"
     pruner.finalize()
@@ -137,10 +139,10 @@ def test_layer_option_and_errors(runs: tuple[Path, Path], tmp_path: Path, capsys
 
 
 def test_every_figure_is_labelled(runs: tuple[Path, Path]) -> None:
-    from neuroprune.report import _figures
+    from neuroprune.report_figures import figure_specs
 
     analysed = [analyse_run(p, p.name, None, {}) for p in runs]
-    for _section, title, caption, _file, draw in _figures(analysed):
+    for _section, title, caption, _file, draw in figure_specs(analysed):
         fig = draw()
         assert fig.get_suptitle() or any(ax.get_title() for ax in fig.axes), title
         for ax in fig.axes:

@@ -10,9 +10,11 @@ import torch
 from transformers import AutoModel, TrainerCallback
 
 import textdata
-from neuroprune import NeuroPrune, load
+from neuroprune import ModelIndex, load
 from neuroprune.errors import ConfigError
-from neuroprune.runs import RunDir, TrainSettings, train_run
+from neuroprune.run_folder import RunDir
+from neuroprune.settings import TrainSettings
+from neuroprune.train import train_run
 
 from tiny import duplicate_group
 
@@ -32,7 +34,7 @@ def setup(tmp_path_factory):
     folder = textdata.model_folder(root / "model", "bert")
     model = AutoModel.from_pretrained(folder)
     with torch.no_grad():  # two identical heads in layer 0: one is removed after epoch 1
-        duplicate_group(model, NeuroPrune(model).attention[0], src=0, dst=2)
+        duplicate_group(model, ModelIndex(model).attention[0], src=0, dst=2)
     model.save_pretrained(folder)
     files = textdata.splits(root / "data", textdata.sentiment_rows, sizes=(24, 8))
     return root, folder, files

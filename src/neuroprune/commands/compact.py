@@ -44,39 +44,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def model_dir(path: str | Path) -> Path:
-    """A run directory's model/ folder, or the folder itself if it is a model folder."""
-    from ..checkpoint import STRUCTURE_FILE, CheckpointError
-
-    path = Path(path)
-    for candidate in (path / "model", path):
-        if (candidate / STRUCTURE_FILE).exists():
-            return candidate
-    raise CheckpointError(
-        f"{path} is neither a run directory with a model/ folder nor a model folder (no {STRUCTURE_FILE} "
-        "in it); pass the --output-dir of `neuroprune train` or a folder written by save_pretrained()."
-    )
-
-
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..checkpoint import from_pretrained, save_pretrained
+    from ..checkpoint import from_pretrained, read_meta, save_pretrained, saved_eps
     from ..compaction import CompactionRule, compact
     from ..errors import NeuroPruneError
+    from ..run_folder import RunDir
 
-    source = model_dir(args.run_dir)
-    target = Path(args.output_dir) if args.output_dir else Path(args.run_dir) / "compact"
+    run_dir = RunDir(args.run_dir)
+    source = run_dir.model_dir()
+    target = Path(args.output_dir) if args.output_dir else run_dir.compact
     thresholds = {"min_input_fraction": args.min_input_fraction, "min_row_fraction": args.min_row_fraction,
                   "multiple_of": args.multiple_of}
     rule = CompactionRule(**{k: v for k, v in thresholds.items() if v is not None})
-    pruner = from_pretrained(source)
+    meta = read_meta(source)
+    index = from_pretrained(source)
     if args.finalize:
-        pruner.finalize()
-    model = pruner.model
+        index.finalize(saved_eps(meta))
+    model = index.model
     dense = None if args.no_verify else copy.deepcopy(model)
     before = sum(p.numel() for p in model.parameters())
-    compact(pruner, rule=rule)
+    compact(index, rule=rule)
     after = sum(p.numel() for p in model.parameters())
     summary = {"parameters_before": before, "parameters_after": after, "parameter_ratio": after / before}
     if dense is not None:
@@ -92,20 +81,22 @@ def run(args: argparse.Namespace) -> int:
                 f"compaction changed the outputs by {diff:.2e} (> --atol {args.atol}); nothing was saved. "
                 "Please report this with the model folder."
             )
-    structure = pruner.structure()
+    structure = index.structure()
     for key in ("mlp_neurons", "attention_inputs"):
         summary[f"{key}_kept"] = sum(len(v) for v in structure.get(key, {}).values())
-    save_pretrained(pruner, target, _tokenizer(source), extra={"compaction": summary})
+    provenance = {k: meta[k] for k in ("method", "neuroprune_config") if k in meta}
+    save_pretrained(index, target, _tokenizer(source), extra={**provenance, "compaction": summary})
     print(f"compacted model saved to {target}: {before:,} -> {after:,} parameters ({after / before:.1%})"
           + (f", outputs within {summary['max_abs_diff']:.1e}" if "max_abs_diff" in summary else ""))
     return 0
 
 
 def _check_inputs(model) -> dict:
+    from ..architectures import is_encoder_decoder
     from ..export import example_inputs
 
     inputs = example_inputs(model, 2, 12)
-    if getattr(model.config, "is_encoder_decoder", False):
+    if is_encoder_decoder(model.config):
         inputs["decoder_input_ids"] = inputs["input_ids"][:, :5]
     return inputs
 
