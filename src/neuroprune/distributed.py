@@ -27,7 +27,6 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .errors import DistributedError
 
-
 SHARDED_REFUSAL = (
     "NeuroPrune cannot train under {what}. Head removal changes parameter shapes in the middle of "
     "training, and {what} flattens the parameters into fixed-size sharded buffers when the model "
