@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import textdata
 from neuroprune import load
@@ -39,15 +40,32 @@ def _check_run(result, metric):
     value = result.metrics[f"eval_{metric}"]
     assert math.isfinite(value)
     reloaded = load(result.run_dir / "model")
-    assert sum(p.numel() for p in reloaded.parameters()) > 0
+    saved = load_file(result.run_dir / "model" / "model.safetensors")
+    state = reloaded.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in saved.items())  # the trained weights, not a fresh init
     assert result.records[-1]["final"] is True
     return value
+
+
+@torch.no_grad()
+def _predictions(run_dir, rows, fields):
+    """The saved model's outputs on the validation rows, one row at a time (no padding)."""
+    model, tok = load(run_dir / "model").eval(), textdata.tokenizer("encoder")
+    out = []
+    for row in rows:
+        enc = tok(*[row[f] for f in fields], return_tensors="pt", truncation=True, max_length=32)
+        out.append(model(**enc).logits[0])
+    return torch.stack(out)
 
 
 def test_single_sentence_classification(tmp_path):
     result = _run(tmp_path, "bert", textdata.splits(tmp_path / "data", textdata.sentiment_rows))
     assert result.task.kind == "classification" and result.task.metric_names == ("accuracy", "f1")
-    assert 0 <= _check_run(result, "accuracy") <= 1
+    accuracy = _check_run(result, "accuracy")
+    rows = textdata.sentiment_rows(8, seed=1)  # the validation split
+    predicted = _predictions(result.run_dir, rows, ["sentence"]).argmax(-1).tolist()
+    by_hand = sum(p == r["label"] for p, r in zip(predicted, rows)) / len(rows)
+    assert accuracy == pytest.approx(by_hand, abs=1e-9)
 
 
 def test_sentence_pair_classification_uses_the_glue_convention_of_its_folder(tmp_path):
@@ -68,7 +86,12 @@ def test_float_labels_mean_regression(tmp_path):
     files = textdata.splits(tmp_path / "data", textdata.sentiment_rows, ".csv", labels="float")
     result = _run(tmp_path, "bert", files)
     assert result.task.kind == "regression"
-    assert -1 <= _check_run(result, "pearson") <= 1 and "eval_spearmanr" in result.metrics
+    pearson = _check_run(result, "pearson")
+    assert "eval_spearmanr" in result.metrics
+    rows = textdata.sentiment_rows(8, seed=1, labels="float")
+    predicted = _predictions(result.run_dir, rows, ["sentence"])[:, 0].numpy()
+    by_hand = np.corrcoef(predicted, [r["label"] for r in rows])[0, 1]
+    assert pearson == pytest.approx(by_hand, abs=1e-5)
 
 
 def test_translation_reports_bleu(tmp_path):
