@@ -69,6 +69,11 @@ TESTS = [
 # editable install (it can never kill a mutant) and costs ~4 s per mutant of compaction.py.
 DESELECT = ["tests/test_compaction.py::test_reload_in_a_fresh_process_gives_the_same_outputs"]
 
+# Lines (regular expressions; mutmut skips the whole statement starting there) left unmutated:
+# `raise` statements, whose only mutable parts are the error messages' text (that an error is
+# raised is still tested: the `if` conditions guarding each raise are mutated).
+DO_NOT_MUTATE = [r"^\s*raise "]
+
 WORK = ROOT / ".mutation"
 RESULTS = ROOT / "benchmarks" / "results"
 EQUIVALENTS = ROOT / "scripts" / "mutation.equivalents.json"
@@ -95,9 +100,9 @@ def toml_list(items: list[str]) -> str:
     return "[" + ", ".join(json.dumps(i) for i in items) + "]"
 
 
-def prepare(keep: bool, rev: str | None) -> None:
+def prepare(keep: bool, rev: str | None, overlay: list[str]) -> None:
     """Snapshot src/, tests/ and pyproject.toml (of commit `rev`, or of the working tree when
-    None) into WORK and add the mutmut settings."""
+    None) into WORK, put the working tree's `overlay` files over it, add the mutmut settings."""
     if WORK.exists() and not keep:
         shutil.rmtree(WORK)
     WORK.mkdir(exist_ok=True)
@@ -115,6 +120,14 @@ def prepare(keep: bool, rev: str | None) -> None:
             cwd=ROOT, capture_output=True, check=True,
         ).stdout
         subprocess.run(["tar", "-x", "-C", str(WORK)], input=archive, check=True)
+    for item in overlay:  # PATH (working tree) or REV:PATH
+        rev_of, _, path = item.rpartition(":")
+        (WORK / path).parent.mkdir(parents=True, exist_ok=True)
+        if rev_of:
+            shown = subprocess.run(["git", "show", item], cwd=ROOT, capture_output=True, check=True).stdout
+            (WORK / path).write_bytes(shown)
+        else:
+            shutil.copy(ROOT / path, WORK / path)
     pyproject = (WORK / "pyproject.toml").read_text()
     pyproject = re.sub(r"(?ms)^\[tool\.mutmut\].*?(?=^\[|\Z)", "", pyproject)  # ours wins
     check_modules()
@@ -129,6 +142,7 @@ def prepare(keep: bool, rev: str | None) -> None:
         f"pytest_add_cli_args_test_selection = {toml_list(selection)}\n"
         'pytest_add_cli_args = ["-p", "no:cacheprovider"]\n'
         "use_git_change_detection = false\n"
+        f"do_not_mutate_patterns = {toml_list(DO_NOT_MUTATE)}\n"
     )
     (WORK / "pyproject.toml").write_text(pyproject)
 
@@ -295,7 +309,8 @@ def write_results(results: dict[str, dict], wall_s: float, args: argparse.Namesp
         "tool": f"mutmut {mutmut_version()}",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "git_commit": git_commit(args.rev),
-        "source": "working tree" if args.worktree else f"commit {git_commit(args.rev)}",
+        "source": "working tree" if args.worktree else f"commit {git_commit(args.rev)}"
+        + (f" + {', '.join(args.overlay)}" if args.overlay else ""),
         "machine": {
             "platform": platform.platform(),
             "python": platform.python_version(),
@@ -306,6 +321,7 @@ def write_results(results: dict[str, dict], wall_s: float, args: argparse.Namesp
             "modules": CORE_MODULES,
             "tests": tests_present(),
             "deselected": DESELECT,
+            "not_mutated": DO_NOT_MUTATE,
             "max_children": args.max_children,
             "only": args.only,
             "threads": "OMP_NUM_THREADS=MKL_NUM_THREADS=OPENBLAS_NUM_THREADS=1",
@@ -333,7 +349,7 @@ def markdown(s: dict) -> str:
     lines = [
         "# Mutation testing of the core modules",
         "",
-        f"{s['tool']}, {s['date']}, {s['source'][:17]}, {s['machine']['platform']}, "
+        f"{s['tool']}, {s['date']}, {s['source']}, {s['machine']['platform']}, "
         f"Python {s['machine']['python']}, {s['machine']['cpus']} CPUs; "
         f"{s['settings']['max_children']} workers, {s['settings']['threads']}; "
         f"wall time {s['wall_s']:.0f} s.",
@@ -374,13 +390,17 @@ def main() -> None:
     parser.add_argument("--max-children", type=int, default=2, help="mutmut worker processes (default 2)")
     parser.add_argument("--rev", default="HEAD", help="commit whose src/, tests/ are used (HEAD)")
     parser.add_argument("--worktree", action="store_true", help="test the working tree instead of --rev")
+    parser.add_argument(
+        "--overlay", action="append", default=[], metavar="[REV:]PATH",
+        help="file (of the working tree, or of commit REV) put over the snapshot, e.g. a new test file",
+    )
     parser.add_argument("--keep", action="store_true", help="reuse .mutation/ and its earlier results")
     parser.add_argument("--only", help="glob over mutant names, e.g. 'neuroprune.heads.*' (default: all)")
     parser.add_argument("--report-only", action="store_true", help="rewrite the results from .mutation/")
     args = parser.parse_args()
     start = time.monotonic()
     if not args.report_only:
-        prepare(args.keep, None if args.worktree else args.rev)
+        prepare(args.keep, None if args.worktree else args.rev, args.overlay)
         mutmut("run", f"--max-children={args.max_children}", *([args.only] if args.only else []))
     wall = time.monotonic() - start
     planted = planted_mutant_check()
