@@ -1,0 +1,580 @@
+"""Tests written to kill the mutants that survived the first mutation run (scripts/mutation.py,
+docs/testing.md): each checks a value worked out by hand, not through the helper under test.
+Every test is fast (tiny modules, no training)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from neuroprune import CheckpointError, CompactionRule, ConfigError, UnsupportedArchitectureError
+from neuroprune.architectures import AttentionLayout, Found, MLPLayout, discover
+from neuroprune.compaction import (
+    SharedGather,
+    compact_attention,
+    compact_mlp,
+    compaction_structure,
+    drop_output_rows,
+    gather_inputs,
+    kept_inputs,
+    kept_outputs,
+    neuron_constants,
+    restore_compaction,
+)
+from neuroprune.controller import (
+    SparsityTarget,
+    TargetController,
+    count_of,
+    cubic_schedule,
+    fraction,
+    near_zero_by_kind,
+)
+from neuroprune.heads import group_distances, merge_into_mlp_input, prune_unit, similarity_graph
+from neuroprune.sparsity import DegreeStats, LayerSparsity, SparsityReport, attention_sparsity, report
+from neuroprune.surgery import head_rows, select_inputs, select_outputs, weight_matrix
+from neuroprune.units import AttentionUnit, MLPUnit
+
+from tiny import duplicate_group, main_output, tiny_inputs, tiny_model
+
+
+def units_of(model: nn.Module) -> tuple[list[AttentionUnit], list[MLPUnit]]:
+    attention, mlps = discover(model)
+    return [AttentionUnit(f, model.config) for f in attention], [MLPUnit(f) for f in mlps]
+
+
+# --- controller -----------------------------------------------------------------------------------
+
+def test_cubic_schedule_by_hand():
+    # ramp from step 25 to step 75 of 100; initial 0.1, final 0.7
+    assert cubic_schedule(25, 100, 0.7, 0.1, 0.25, 0.75) == 0.1  # exactly `initial` at the start
+    assert cubic_schedule(75, 100, 0.7, 0.1, 0.25, 0.75) == 0.7
+    # step 35: progress (35 - 25) / (75 - 25) = 0.2 -> 0.7 + (0.1 - 0.7) * 0.8^3
+    assert cubic_schedule(35, 100, 0.7, 0.1, 0.25, 0.75) == pytest.approx(0.7 - 0.6 * 0.512, abs=1e-12)
+
+
+def test_target_at_uses_the_settings_ramp_end():
+    c = TargetController(SparsityTarget(0.8, ramp_begin=0.0, ramp_end=0.5))
+    # step 25 of 100: progress 25 / 50 = 0.5 -> 0.8 * (1 - 0.5^3)
+    assert c.target_at(25, 100) == pytest.approx(0.8 * (1 - 0.125), abs=1e-12)
+    assert c.target_at(50, 100) == 0.8
+
+
+def test_controller_update_formula_by_hand():
+    c = TargetController(SparsityTarget(0.5, kp=2.0, ki=20.0, max_rate=0.5))
+    scale = c.update(3, 10, measured=0.29, target=0.3)  # error 0.01
+    assert c.log_scale == pytest.approx(0.2, abs=1e-12)  # ki * e = 0.2 < max_rate
+    assert scale == pytest.approx(math.exp(0.2 + 2.0 * 0.01), rel=1e-12)  # + kp * e (proportional)
+    assert c.history == [{"step": 3, "target": 0.3, "measured": 0.29, "scale": scale}]
+
+
+def test_controller_state_round_trip_keeps_history():
+    c = TargetController(SparsityTarget(0.5))
+    c.update(1, 10, measured=0.0, target=0.1)
+    state = json.loads(json.dumps(c.state_dict()))
+    assert set(state) == {"settings", "log_scale", "history"}
+    back = TargetController.from_state_dict(state)
+    assert back.history == c.history and back.log_scale == c.log_scale
+    del state["history"]  # older checkpoints: no history
+    assert TargetController.from_state_dict(state).history == []
+
+
+def test_fraction_of_nothing_is_zero():
+    assert fraction({}) == 0.0
+    assert count_of({"q": (3, 4), "o": (1, 4)}, {"q"}) == (3, 4)
+    assert fraction({"q": (3, 4), "o": (1, 4)}) == 0.5
+
+
+def test_near_zero_counts_entries_strictly_below_eps():
+    unit = MLPUnit(Found("mlp", _mlp(2, 2), _MLP_LAYOUT))
+    with torch.no_grad():
+        unit.up.weight.copy_(torch.tensor([[0.5, 0.25], [1.0, -0.5]]))  # |w| == eps is not below
+        unit.down.weight.copy_(torch.tensor([[0.0, 2.0], [0.49, 3.0]]))
+    pruner = SimpleNamespace(config=SimpleNamespace(eps=0.5), attention=[], mlps=[unit])
+    assert near_zero_by_kind(pruner) == {"up": (1, 4), "down": (2, 4)}
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(sparsity=0.0), dict(sparsity=0.5, ramp_end=1.0), dict(sparsity=0.5, heads=1),
+     dict(sparsity=0.5, step="hard"), dict(sparsity=0.5, kp=0.0), dict(sparsity=0.5, kp=0.5),
+     dict(sparsity=0.5, ki=0.5)],
+)
+def test_sparsity_target_accepts_the_boundaries(kwargs):
+    target = SparsityTarget(**kwargs)
+    assert all(getattr(target, k) == v for k, v in kwargs.items())
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(ramp_end=1.5), dict(heads=0), dict(heads=1.5), dict(heads=True), dict(kp=-1.0),
+     dict(ki=0.0), dict(max_rate=0.0), dict(min_scale=0.0), dict(min_scale=10.0, max_scale=10.0),
+     dict(min_scale=10.0, max_scale=1.0)],
+)
+def test_sparsity_target_refuses_just_outside(kwargs):
+    with pytest.raises(ConfigError):
+        SparsityTarget(0.5, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs", [dict(min_input_fraction=True), dict(min_row_fraction="0.5"), dict(multiple_of=True)]
+)
+def test_compaction_rule_refuses_non_numbers(kwargs):
+    with pytest.raises(ConfigError):
+        CompactionRule(**kwargs)
+
+
+def test_compaction_rule_accepts_multiple_of_one():
+    assert CompactionRule(multiple_of=1).multiple_of == 1
+
+
+# --- sparsity accounting --------------------------------------------------------------------------
+
+def test_degree_stats_by_hand():
+    stats = DegreeStats.of(torch.tensor([0.0, 0.025, 0.525, 0.975]))
+    hist = [0] * 20
+    hist[0], hist[10], hist[19] = 2, 1, 1  # 20 bins of width 0.05 over [0, 1]
+    assert stats.histogram == hist
+    assert stats.bin_edges == pytest.approx([i / 20 for i in range(21)], abs=1e-7)
+    assert stats.dead == 1
+    assert stats.mean == pytest.approx(1.525 / 4)
+    mean = 1.525 / 4
+    sd = math.sqrt(sum((x - mean) ** 2 for x in (0.0, 0.025, 0.525, 0.975)) / 4)
+    assert stats.sd_percent == pytest.approx(100 * sd)
+
+
+def test_layer_sparsity_property_and_report_dict():
+    assert LayerSparsity("a", "mlp", 3, 4, {}).sparsity == 0.75
+    assert LayerSparsity("a", "mlp", 0, 0, {}).sparsity == 0.0
+    r = SparsityReport(0.75, 0.5, 3, 4, 2, 4, [LayerSparsity("a", "mlp", 3, 4, {"up": 0.75})])
+    assert r.to_dict()["layers"][0]["sparsity"] == 0.75
+
+
+def test_report_markdown_exactly():
+    deg = DegreeStats(mean=0.5, sd_percent=12.25, histogram=[], bin_edges=[], dead=2)
+    r = SparsityReport(
+        0.25, 0.125, 1, 4, 3, 4,
+        [LayerSparsity("l0.attn", "attention", 1, 4, {}, heads_kept=3, heads_total=4),
+         LayerSparsity("l0.mlp", "mlp", 2, 8, {}, degree=deg)],
+    )
+    assert r.to_markdown() == (
+        "sparsity (blocks): 25.00%  whole model: 12.50%  heads kept: 3/4\n"
+        "\n"
+        "| layer | kind | sparsity | heads | neuron degree mean | sd (%) | dead neurons |\n"
+        "|---|---|---|---|---|---|---|\n"
+        "| l0.attn | attention | 25.00% | 3/4 |  | |  |\n"
+        "| l0.mlp | mlp | 25.00% |  | 0.500 | 12.25 | 2 |"
+    )
+    assert str(r) == r.to_markdown()
+
+
+def test_report_of_no_blocks_is_zero():
+    model = nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[0.0, 1.0], [2.0, 3.0]]))
+    r = report(model, [], [], 1e-3, original_parameters=4)
+    assert (r.sparsity, r.zeros, r.total, r.model_sparsity) == (0.0, 0, 0, 0.25)
+
+
+def test_attention_sparsity_fields():
+    model = tiny_model("bert")
+    unit = units_of(model)[0][0]
+    unit.keep_groups([0, 2, 3])
+    layer = attention_sparsity(unit)
+    assert (layer.name, layer.kind) == (unit.name, "attention")
+    assert (layer.heads_kept, layer.heads_total, layer.kept_heads) == (3, 4, [0, 2, 3])
+
+
+# --- surgery --------------------------------------------------------------------------------------
+
+def test_select_keeps_frozen_parameters_frozen_and_long_indices():
+    lin = nn.Linear(3, 4)
+    lin.weight.requires_grad_(False)
+    changes = select_outputs(lin, torch.tensor([0, 2], dtype=torch.int32))
+    assert not lin.weight.requires_grad and lin.bias.requires_grad
+    assert [c.index.dtype for c in changes] == [torch.long, torch.long]
+    changes = select_inputs(lin, torch.tensor([1], dtype=torch.int32))
+    assert [c.index.dtype for c in changes] == [torch.long] and lin.in_features == 1
+
+
+def test_head_rows_of_no_heads_is_an_empty_long_index():
+    rows = head_rows([], 4)
+    assert rows.dtype == torch.long and rows.numel() == 0
+    assert head_rows([2, 0], 2).tolist() == [4, 5, 0, 1]
+
+
+# --- heads ----------------------------------------------------------------------------------------
+
+def test_group_distances_of_half_precision_blocks():
+    blocks = torch.tensor([[0.0, 1.0], [0.5, -1.0]], dtype=torch.float16)
+    d = group_distances(blocks)
+    assert d.dtype == torch.float32 and d.tolist() == [[0.0, 2.0], [2.0, 0.0]]
+
+
+def test_similarity_graph_is_integer_so_history_stays_numeric():
+    sim = similarity_graph(torch.tensor([[0.0], [1.0]]), theta=0.5)
+    assert json.dumps(sim.tolist()) == "[[1, 0], [0, 1]]"
+
+
+def _fake_unit(head_dim: int = 4):
+    return SimpleNamespace(name="blk", query_rows=lambda groups: head_rows(groups, head_dim))
+
+
+@pytest.mark.parametrize("src, dst", [(1, 0), (0, 1)])
+def test_mlp_input_merge_refuses_an_mlp_narrower_than_the_heads(src, dst):
+    # head 1 owns columns 4..7; the MLP reads 7 inputs: column 7 does not exist
+    mlp = SimpleNamespace(expand_matrices=lambda: [torch.zeros(5, 7)])
+    with pytest.raises(ConfigError):
+        merge_into_mlp_input(_fake_unit(), mlp, src, dst)
+
+
+def test_mlp_input_merge_by_hand():
+    w = torch.arange(16.0).reshape(2, 8)
+    expected = w.clone()
+    expected[:, 0:4] += w[:, 4:8]
+    mlp = SimpleNamespace(expand_matrices=lambda: [w])
+    merge_into_mlp_input(_fake_unit(), mlp, src=1, dst=0)
+    assert torch.equal(w, expected)
+
+
+def test_prune_event_records_the_groups_it_saw():
+    model = tiny_model("bert")
+    unit = units_of(model)[0][0]
+    duplicate_group(model, unit, 0, 3)
+    event, changes = prune_unit(unit, theta=1e-6, merge="output")
+    assert event.groups == [0, 1, 2, 3] and event.removed_heads == [0] and event.absorbed_by == {0: 3}
+    assert changes
+
+
+# --- units ----------------------------------------------------------------------------------------
+
+class _Attn(nn.Module):
+    def __init__(self, d: int, q: int, kv: int) -> None:
+        super().__init__()
+        self.q, self.k, self.v, self.o = nn.Linear(d, q), nn.Linear(d, kv), nn.Linear(d, kv), nn.Linear(q, d)
+
+
+class _Fused(nn.Module):
+    def __init__(self, d: int, q: int, kv: int) -> None:
+        super().__init__()
+        self.qkv, self.o = nn.Linear(d, q + 2 * kv), nn.Linear(q, d)
+
+
+_ATTN_LAYOUT = AttentionLayout(q="q", k="k", v="v", o="o")
+_MLP_LAYOUT_KW = dict(up="up", down="down")
+
+
+def _mlp(d: int, n: int, gated: bool = False) -> nn.Module:
+    m = nn.Module()
+    m.up, m.down = nn.Linear(d, n), nn.Linear(n, d)
+    if gated:
+        m.gate = nn.Linear(d, n)
+    return m
+
+
+_MLP_LAYOUT = MLPLayout(**_MLP_LAYOUT_KW)
+
+
+def test_head_size_from_the_model_config_and_multi_query_attention():
+    unit = AttentionUnit(Found("blk", _Attn(8, 8, 4), _ATTN_LAYOUT), SimpleNamespace(head_dim=4))
+    assert (unit.head_dim, unit.original_heads, unit.original_kv_heads, unit.group_size) == (4, 2, 1, 2)
+    unit = AttentionUnit(Found("blk", _Attn(8, 8, 4), _ATTN_LAYOUT), SimpleNamespace(num_attention_heads=2))
+    assert unit.head_dim == 4
+
+
+def test_fused_concat_projection_with_grouped_query_attention():
+    layout = AttentionLayout(qkv="qkv", fused="concat", o="o")
+    unit = AttentionUnit(Found("blk", _Fused(8, 8, 4), layout), SimpleNamespace(head_dim=4))
+    assert (unit.original_heads, unit.original_kv_heads) == (2, 1)
+    assert set(unit.matrices()) == {"qkv", "o"}
+
+
+@pytest.mark.parametrize("kv", [6, 0])
+def test_unsplittable_key_value_widths_are_refused(kv):
+    with pytest.raises(UnsupportedArchitectureError):
+        AttentionUnit(Found("blk", _Attn(8, 8, kv), _ATTN_LAYOUT), SimpleNamespace(head_dim=4))
+
+
+def test_head_removal_updates_the_attention_module_it_runs_in():
+    model = tiny_model("bert")
+    unit = units_of(model)[0][0]
+    core = model.encoder.layer[0].attention.self
+    assert unit.core is core
+    unit.keep_groups([1, 3])
+    assert core.num_attention_heads == 2 and core.all_head_size == 2 * unit.head_dim
+    assert not core._forward_pre_hooks and not core._forward_hooks  # no per-head bias: no hooks
+
+
+@pytest.mark.parametrize("family, expected", [("bert", 7), ("gpt2", 3), ("gpt_neox", 3)])
+def test_keep_groups_reports_every_replaced_parameter(family, expected):
+    model = tiny_model(family)
+    unit = units_of(model)[0][0]
+    changes = unit.keep_groups([0, 2])
+    current = {id(p) for p in model.parameters()}
+    assert len(changes) == expected and all(id(c.new) in current for c in changes)
+
+
+def test_keep_neurons_reports_gate_up_and_down():
+    model = tiny_model("t5-gated")
+    unit = units_of(model)[1][0]
+    changes = unit.keep_neurons([0, 5, 7])
+    assert {id(c.new) for c in changes} == {id(unit.gate.weight), id(unit.up.weight), id(unit.down.weight)}
+    assert unit.expand_matrices()[0] is unit.gate.weight and set(unit.matrices()) == {"gate", "up", "down"}
+    assert unit.added_contract_bias is False
+
+
+def test_t5_bias_is_sliced_per_layer_and_handed_on_whole():
+    """Different heads removed in every T5 layer: the shared relative position bias must be sliced
+    to each layer's own heads and passed on unsliced. Reference: the unpruned model with the
+    removed heads' output-projection columns zeroed (a head with zero O columns adds nothing)."""
+    model = tiny_model("t5")
+    reference = copy.deepcopy(model)
+    x = tiny_inputs("t5")
+    for i, (unit, ref) in enumerate(zip(units_of(model)[0], units_of(reference)[0])):
+        drop = i % 4
+        with torch.no_grad():
+            weight_matrix(ref.o)[:, ref.query_rows([drop])] = 0
+        unit.keep_groups([g for g in range(4) if g != drop])
+    torch.testing.assert_close(main_output(model, x), main_output(reference, x), atol=1e-5, rtol=1e-4)
+
+
+# --- compaction -----------------------------------------------------------------------------------
+
+def test_shared_gather_reuses_then_releases():
+    x, idx = torch.randn(2, 3, 5), torch.tensor([0, 3])
+    g = SharedGather(3)
+    a = g(x, idx)
+    assert g(x, idx) is a and g(x, idx) is a and torch.equal(a, x[..., [0, 3]])
+    assert g.source is None and g.value is None  # released after the last user
+    assert g(x, idx) is not a
+    two = SharedGather(2)
+    assert two(x, idx) is two(x, idx)
+    one = SharedGather(1)
+    one(x, idx)
+    assert one.source is None and one.value is None  # a single user keeps nothing
+
+
+def test_gathered_projection_by_hand():
+    lin = nn.Linear(5, 3)
+    w, b = lin.weight.detach().clone(), lin.bias.detach().clone()
+    x = torch.randn(2, 4, 5)
+    gather_inputs(lin, [1, 4])
+    torch.testing.assert_close(lin(x), x[..., [1, 4]] @ w[:, [1, 4]].T + b)
+    assert kept_inputs(lin) == [1, 4] and "neuroprune_input_index" not in lin.state_dict()
+    gather_inputs(lin, [4])  # a second gather, by original indices
+    torch.testing.assert_close(lin(x), x[..., [4]] @ w[:, [4]].T + b)
+    with pytest.raises(CheckpointError, match="input dimensions of Linear"):
+        gather_inputs(lin, [1])
+    gather_inputs(lin, [])  # nothing read: the bias
+    torch.testing.assert_close(lin(x), b.expand(2, 4, 3))
+
+
+def test_dropped_output_rows_by_hand():
+    lin = nn.Linear(3, 6)
+    w, b = lin.weight.detach().clone(), lin.bias.detach().clone()
+    x = torch.randn(2, 3)
+
+    def by_hand(rows):
+        full = b.expand(2, 6).clone()
+        full[:, rows] = x @ w[rows].T + b[rows]
+        return full
+
+    drop_output_rows(lin, [0, 2, 3, 5])
+    torch.testing.assert_close(lin(x), by_hand([0, 2, 3, 5]))
+    state = lin.state_dict()
+    assert "neuroprune_output_index" not in state and "neuroprune_output_fill" in state
+    drop_output_rows(lin, [0, 5])  # a second drop, by original indices
+    assert kept_outputs(lin) == [0, 5]
+    torch.testing.assert_close(lin(x), by_hand([0, 5]))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = lin(x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), by_hand([0, 5]), atol=0.05, rtol=0.05)
+    with pytest.raises(CheckpointError, match="output rows of Linear"):
+        drop_output_rows(lin, [2])
+    drop_output_rows(lin, [])
+    torch.testing.assert_close(lin(x), b.expand(2, 6))
+
+
+def _bert_layer0():
+    model = tiny_model("bert")
+    attention, mlps = units_of(model)
+    return model, attention[0], mlps[0]
+
+
+def _qkv_weights(unit):
+    return [weight_matrix(m) for m in (unit.q, unit.k, unit.v)]
+
+
+@pytest.mark.parametrize(
+    "alive, rule, kept",
+    [([], CompactionRule(), [0]),  # all dead: one (zero) column stays
+     ([5], CompactionRule(), [5]),
+     (list(range(8, 32)), CompactionRule(min_input_fraction=0.25), list(range(8, 32))),  # 8/32 = 0.25
+     (list(range(32)), CompactionRule(min_input_fraction=0.0), None)],  # nothing dead: no gather
+)
+def test_attention_input_gather_by_hand(alive, rule, kept):
+    model, unit, _ = _bert_layer0()
+    with torch.no_grad():
+        for m in _qkv_weights(unit):
+            m[:, [d for d in range(32) if d not in alive]] = 0
+    x = tiny_inputs("bert")
+    before = main_output(model, x)
+    compact_attention(unit, rule)
+    assert kept_inputs(unit.q) == kept and kept_inputs(unit.v) == kept
+    torch.testing.assert_close(main_output(model, x), before, atol=1e-5, rtol=1e-4)
+
+
+def test_contract_rows_at_the_threshold_and_twice():
+    model, _, mlp = _bert_layer0()
+    x = tiny_inputs("bert")
+    rule = CompactionRule(min_row_fraction=0.25, multiple_of=1)
+    with torch.no_grad():
+        weight_matrix(mlp.down)[:8] = 0  # 8 of 32 rows: exactly the threshold
+    before = main_output(model, x)
+    compact_mlp(mlp, rule)
+    assert kept_outputs(mlp.down) == list(range(8, 32))
+    torch.testing.assert_close(main_output(model, x), before, atol=1e-5, rtol=1e-4)
+    with torch.no_grad():  # rows 8..15 (positions 0..7 of the compacted matrix) die too
+        weight_matrix(mlp.down)[:8] = 0
+    before = main_output(model, x)
+    compact_mlp(mlp, rule)
+    assert kept_outputs(mlp.down) == list(range(16, 32))
+    torch.testing.assert_close(main_output(model, x), before, atol=1e-5, rtol=1e-4)
+
+
+def test_no_zero_rows_no_row_compaction():
+    _, _, mlp = _bert_layer0()
+    compact_mlp(mlp, CompactionRule(min_row_fraction=0.0, multiple_of=1))
+    assert kept_outputs(mlp.down) is None
+
+
+def test_dead_neurons_with_zero_constant_add_no_bias():
+    model = tiny_model("t5")
+    mlp = units_of(model)[1][0]
+    with torch.no_grad():
+        weight_matrix(mlp.up)[:6] = 0  # relu(0) = 0: nothing to fold
+    compact_mlp(mlp, CompactionRule(multiple_of=1))
+    assert len(mlp.kept_neurons) == 42 and mlp.down.bias is None and mlp.added_contract_bias is False
+
+
+def _gelu_new(x: float) -> float:
+    return 0.5 * x * (1 + math.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+
+
+def _gated_with_biases():
+    model = tiny_model("t5-gated")
+    mlp = units_of(model)[1][0]
+    n = mlp.original_neurons
+    b_gate, b_up = torch.zeros(n), torch.zeros(n)
+    b_gate[0], b_gate[3], b_up[3] = 1.0, 1.0, 2.0
+    mlp.gate.bias, mlp.up.bias = nn.Parameter(b_gate), nn.Parameter(b_up)
+    with torch.no_grad():
+        weight_matrix(mlp.gate)[[0, 2, 3]] = 0  # 0: gate zero, act(1) != 0; 2: gate zero, act(0) = 0
+        weight_matrix(mlp.up)[[1, 3]] = 0  # 1: up zero and no up bias; 3: both zero
+    return mlp
+
+
+def test_gated_neuron_constants_by_hand():
+    removable, constant = neuron_constants(_gated_with_biases())
+    assert removable[:5].tolist() == [False, True, True, True, False]
+    assert not removable[4:].any()
+    assert constant[1] == 0 and constant[2] == 0
+    assert float(constant[3]) == pytest.approx(_gelu_new(1.0) * 2.0, rel=1e-5)
+
+
+def test_gated_neurons_with_unknown_activation():
+    mlp = _gated_with_biases()
+    mlp.module.act = None  # no activation to be found: act(gate) is unknown
+    removable, constant = neuron_constants(mlp)
+    assert removable[:5].tolist() == [False, True, False, False, False]
+    assert constant[1] == 0
+
+
+def test_activation_is_looked_up_next_to_a_nested_expand_projection():
+    from neuroprune.compaction import activation_of
+
+    m = nn.Module()
+    m.inner = nn.Module()
+    m.inner.block = nn.Module()
+    m.inner.block.up, m.inner.block.act, m.down = nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 2)
+    unit = MLPUnit(Found("mlp", m, MLPLayout(up="inner.block.up", down="down")))
+    assert activation_of(unit) is m.inner.block.act
+
+
+def _t5_with_up_bias(seed: int = 0):
+    model = tiny_model("t5", seed)
+    g = torch.Generator().manual_seed(seed)
+    for mlp in units_of(model)[1]:
+        mlp.up.bias = nn.Parameter(torch.randn(mlp.original_neurons, generator=g))
+    return model
+
+
+def test_compaction_structure_restores_every_kind():
+    model = _t5_with_up_bias()
+    attention, mlps = units_of(model)
+    assert compaction_structure(SimpleNamespace(attention=attention, mlps=mlps)) == {}
+    x = tiny_inputs("t5")
+    with torch.no_grad():
+        for unit in attention:
+            for m in _qkv_weights(unit):
+                m[:, :12] = 0  # 12 of 32 input dims dead
+        for mlp in mlps:
+            weight_matrix(mlp.up)[:10] = 0  # constant relu(b_up): folded into a new contract bias
+            weight_matrix(mlp.down)[:, 10:16] = 0  # dead outputs
+            weight_matrix(mlp.down)[:12] = 0  # zero contract rows
+    before = main_output(model, x)
+    rule = CompactionRule(multiple_of=1)
+    for unit in attention:
+        compact_attention(unit, rule)
+    for mlp in mlps:
+        compact_mlp(mlp, rule)
+    torch.testing.assert_close(main_output(model, x), before, atol=1e-5, rtol=1e-4)
+    structure = compaction_structure(SimpleNamespace(attention=attention, mlps=mlps))
+    assert set(structure) == {"mlp_neurons", "attention_inputs", "contract_rows", "contract_biases"}
+
+    fresh = _t5_with_up_bias()
+    f_attention, f_mlps = units_of(fresh)
+    restore_compaction(SimpleNamespace(attention=f_attention, mlps=f_mlps), structure)
+    fresh.load_state_dict(model.state_dict())
+    torch.testing.assert_close(main_output(fresh, x), before, atol=1e-5, rtol=1e-4)
+    assert compaction_structure(SimpleNamespace(attention=f_attention, mlps=f_mlps)) == structure
+
+
+@pytest.mark.parametrize(
+    "structure, message",
+    [({"attention_inputs": {"nope": [0]}}, "attention blocks"),
+     ({"contract_rows": {"nope": [0]}}, "MLP blocks"),
+     ({"mlp_neurons": {"nope": [0]}}, "MLP blocks"),
+     ({"contract_biases": ["nope"]}, "MLP blocks")],
+)
+def test_restore_names_what_it_does_not_know(structure, message):
+    attention, mlps = units_of(tiny_model("t5"))
+    with pytest.raises(CheckpointError, match=message):
+        restore_compaction(SimpleNamespace(attention=attention, mlps=mlps), structure)
+
+
+def test_restore_names_the_block_whose_neurons_are_gone():
+    attention, mlps = units_of(tiny_model("t5"))
+    with pytest.raises(CheckpointError, match=f"neurons of {mlps[0].name}"):
+        restore_compaction(
+            SimpleNamespace(attention=attention, mlps=mlps), {"mlp_neurons": {mlps[0].name: [99]}}
+        )
+
+
+def test_compact_a_plain_model_honours_its_config():
+    from neuroprune import NeuroPruneConfig, compact
+
+    model = tiny_model("bert")
+    _, mlps = units_of(model)
+    with torch.no_grad():
+        for mlp in mlps:
+            weight_matrix(mlp.down)[:, :24] = 0  # half the neurons dead in both layers
+    pruner = compact(model, NeuroPruneConfig(exclude_modules=r"layer\.1"), CompactionRule(multiple_of=1))
+    widths = [weight_matrix(layer.intermediate.dense).shape[0] for layer in model.encoder.layer]
+    assert widths == [24, 48] and len(pruner.mlps) == 1
