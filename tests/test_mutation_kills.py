@@ -578,3 +578,28 @@ def test_compact_a_plain_model_honours_its_config():
     pruner = compact(model, NeuroPruneConfig(exclude_modules=r"layer\.1"), CompactionRule(multiple_of=1))
     widths = [weight_matrix(layer.intermediate.dense).shape[0] for layer in model.encoder.layer]
     assert widths == [24, 48] and len(pruner.mlps) == 1
+
+
+class _BiasCore(nn.Module):
+    """A custom attention block that takes a per-head bias and hands it on (like T5), but has no
+    bias factory: when no bias comes in, none goes out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v, self.o = (nn.Linear(8, 8) for _ in range(4))
+
+    def forward(self, hidden_states, position_bias=None):
+        self.received = position_bias
+        return self.o(self.q(hidden_states)), position_bias
+
+
+def test_custom_per_head_bias_layout_without_factory():
+    layout = AttentionLayout(q="q", k="k", v="v", o="o", head_bias_arg="position_bias", head_bias_output=1)
+    block = _BiasCore()
+    unit = AttentionUnit(Found("blk", block, layout), SimpleNamespace(head_dim=4))
+    unit.keep_groups([1])
+    x = torch.randn(1, 3, 8)
+    assert block(x)[1] is None  # no bias in, none out
+    bias = torch.randn(1, 2, 3, 3)
+    assert block(x, position_bias=bias)[1] is bias  # handed on whole
+    torch.testing.assert_close(block.received, bias[:, [1]])  # the layer saw its own head only
