@@ -357,7 +357,7 @@ def markdown(s: dict) -> str:
         f"Modules: {', '.join('`' + m + '`' for m in s['settings']['modules'])}.",
         f"Tests: {', '.join('`' + t + '`' for t in s['settings']['tests'])} "
         f"(deselected: {', '.join('`' + d + '`' for d in s['settings']['deselected'])}).",
-        f"Mutant filter: `{s['settings']['only']}`." if s["settings"]["only"] else "All their mutants.",
+        f"Mutants re-run: `{s['settings']['only']}`." if s["settings"]["only"] else "All their mutants.",
         "",
         f"**{s['mutants']} mutants: {s['killed']} killed (timeouts included), {s['equivalent']} equivalent, "
         f"{s['survived_non_equivalent']} non-equivalent not killed. Score over non-equivalent mutants: "
@@ -395,18 +395,20 @@ def main() -> None:
         help="file (of the working tree, or of commit REV) put over the snapshot, e.g. a new test file",
     )
     parser.add_argument("--keep", action="store_true", help="reuse .mutation/ and its earlier results")
-    parser.add_argument("--only", help="glob over mutant names, e.g. 'neuroprune.heads.*' (default: all)")
+    parser.add_argument(
+        "--only", action="append", help="glob over mutant names, e.g. 'neuroprune.heads.*' (repeatable)"
+    )
     parser.add_argument("--report-only", action="store_true", help="rewrite the results from .mutation/")
     args = parser.parse_args()
     start = time.monotonic()
     if not args.report_only:
         prepare(args.keep, None if args.worktree else args.rev, args.overlay)
-        mutmut("run", f"--max-children={args.max_children}", *([args.only] if args.only else []))
+        mutmut("run", f"--max-children={args.max_children}", *(args.only or []))
     wall = time.monotonic() - start
     planted = planted_mutant_check()
     results = load_results()
-    if args.only:
-        results = {n: r for n, r in results.items() if fnmatch.fnmatch(n, args.only)}
+    if args.only and not args.keep:
+        results = {n: r for n, r in results.items() if any(fnmatch.fnmatch(n, g) for g in args.only)}
     s = write_results(results, wall, args, planted)
     print(
         f"{s['mutants']} mutants: {s['killed']} killed, {s['equivalent']} equivalent, "

@@ -548,10 +548,10 @@ def test_compaction_structure_restores_every_kind():
 
 @pytest.mark.parametrize(
     "structure, message",
-    [({"attention_inputs": {"nope": [0]}}, "attention blocks"),
-     ({"contract_rows": {"nope": [0]}}, "MLP blocks"),
-     ({"mlp_neurons": {"nope": [0]}}, "MLP blocks"),
-     ({"contract_biases": ["nope"]}, "MLP blocks")],
+    [({"attention_inputs": {"nope": [0]}}, "names attention blocks this"),
+     ({"contract_rows": {"nope": [0]}}, "names MLP blocks this"),
+     ({"mlp_neurons": {"nope": [0]}}, "names MLP blocks this"),
+     ({"contract_biases": ["nope"]}, "names MLP blocks this")],
 )
 def test_restore_names_what_it_does_not_know(structure, message):
     attention, mlps = units_of(tiny_model("t5"))
@@ -588,9 +588,12 @@ class _BiasCore(nn.Module):
         super().__init__()
         self.q, self.k, self.v, self.o = (nn.Linear(8, 8) for _ in range(4))
 
+    as_tuple = True
+
     def forward(self, hidden_states, position_bias=None):
         self.received = position_bias
-        return self.o(self.q(hidden_states)), position_bias
+        out = self.o(self.q(hidden_states))
+        return (out, position_bias) if self.as_tuple else out
 
 
 def test_custom_per_head_bias_layout_without_factory():
@@ -603,3 +606,7 @@ def test_custom_per_head_bias_layout_without_factory():
     bias = torch.randn(1, 2, 3, 3)
     assert block(x, position_bias=bias)[1] is bias  # handed on whole
     torch.testing.assert_close(block.received, bias[:, [1]])  # the layer saw its own head only
+    shared = torch.randn(1, 1, 3, 3)  # one bias broadcast over the heads: nothing to slice
+    assert block(x, position_bias=shared)[1] is shared and block.received is shared
+    block.as_tuple = False  # an output with no slot for the bias is left alone
+    assert torch.equal(block(x, position_bias=bias), block.o(block.q(x)))
