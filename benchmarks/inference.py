@@ -120,13 +120,13 @@ def impose(model: torch.nn.Module, s: float, seed: int) -> tuple[NeuroPrune, dic
     """NeuroPrune-like structure at sparsity s (module docstring), heads removed physically."""
     g = torch.Generator().manual_seed(seed)
     pruner = NeuroPrune(model, NeuroPruneConfig())
-    for unit in pruner.mlps:
+    for unit in pruner.index.mlps:
         dead = torch.randperm(unit.original_neurons, generator=g)[: round(s * unit.original_neurons)]
         for w in unit.expand_matrices():
             w[dead] = 0.0
         unit.contract_matrix()[:, dead] = 0.0  # a dead neuron: no fan-in, no fan-out
-    removed, dims_fraction = proportions(s, pruner.attention[0].original_heads)
-    for unit in pruner.attention:
+    removed, dims_fraction = proportions(s, pruner.index.attention[0].original_heads)
+    for unit in pruner.index.attention:
         q, _, _ = unit.qkv_matrices()
         dead = torch.randperm(q.shape[1], generator=g)[: round(dims_fraction * q.shape[1])]
         for w in unit.qkv_matrices():

@@ -137,9 +137,9 @@ def compaction(model: Any) -> dict[str, Any]:
         return {"skipped": "neuroprune.compact does not exist in this checkout"}
     pruner = NeuroPrune(model, NeuroPruneConfig(theta=1e-9))
     with torch.no_grad():
-        for unit in pruner.mlps:
+        for unit in pruner.index.mlps:
             unit.up.weight[::2] = 0.0
-        for unit in pruner.attention:
+        for unit in pruner.index.attention:
             for w in unit.qkv_matrices():
                 w[:, ::2] = 0.0
             unit.keep_groups(list(range(2, unit.num_kv_heads)))

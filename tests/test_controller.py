@@ -15,10 +15,9 @@ from neuroprune.controller import (
     TargetController,
     cubic_schedule,
     fraction,
-    near_zero_by_kind,
-    near_zero_sparsity,
 )
-from neuroprune.methods import AT_TARGET, build_method, matrix_parameters
+from neuroprune.methods import build_method
+from neuroprune.methods.penalty import AT_TARGET
 
 from tiny import VOCAB, tiny_config, tiny_model
 
@@ -39,9 +38,12 @@ def test_near_zero_sparsity_is_what_finalize_produces():
     model = tiny_model("llama")
     pruner = NeuroPrune(model, NeuroPruneConfig(eps=1e-2))
     with torch.no_grad():
-        pruner.mlps[0].up.weight[:5] *= 1e-3
+        pruner.index.mlps[0].up.weight[:5] *= 1e-3
     pruner.prune_redundant_heads(theta=10.0)  # removes heads: they count as zeros too
-    predicted = near_zero_sparsity(pruner)
+    predicted = fraction(pruner.near_zero_by_kind())
+    with torch.no_grad():  # small W^O entries: not regularised, so not finalised, not counted
+        pruner.index.attention[0].o.weight[:3] *= 1e-3
+    assert fraction(pruner.near_zero_by_kind()) == predicted
     pruner.finalize()
     assert predicted == pytest.approx(pruner.sparsity_report().sparsity)
     assert predicted > 0.1
@@ -89,7 +91,7 @@ def train_tiny(method_name: str, target: float, epochs: int = 3, steps_per_epoch
             remap_optimizer(opt, method.on_step_end(step))
         remap_optimizer(opt, method.on_epoch_end(epoch))
     method.on_train_end()
-    return method, method.pruner.sparsity_report()
+    return method, method.sparsity_report()
 
 
 @pytest.mark.parametrize(("name", "target"), [("neuroprune", 0.6), ("l1", 0.85)])
@@ -122,15 +124,15 @@ def test_target_number_of_heads_is_reached_with_the_sparsity(heads):
     assert report.heads_kept == heads and report.heads_total == 8
     assert abs(report.sparsity - 0.6) <= 0.02, report.sparsity
     assert method.summary()["target_heads"] == heads and method.summary()["heads_kept"] == heads
-    thetas = {h["theta"] for h in method.pruner.history}
-    assert len(method.pruner.history) >= 2 and len(thetas) >= 2  # several passes, theta moved
+    thetas = {h["theta"] for h in method.index.history}
+    assert len(method.index.history) >= 2 and len(thetas) >= 2  # several passes, theta moved
 
 
 def test_theta_for_heads_is_the_largest_that_keeps_enough():
     torch.manual_seed(0)
     pruner = NeuroPrune(tiny_model("bert"), NeuroPruneConfig())
     with torch.no_grad():  # make heads 1 and 2 of the first block near copies of head 0
-        q, k, v = pruner.attention[0].qkv_matrices()
+        q, k, v = pruner.index.attention[0].qkv_matrices()
         for m in (q, k, v):
             m[8:16] = m[0:8] + 0.01
             m[16:24] = m[0:8] - 0.02
@@ -150,7 +152,7 @@ def test_each_penalty_is_steered_to_its_share_of_the_target():
     """NeuroPrune's two penalties have their own loops: neither reaches the overall target by
     wiping out its own matrices while the other barely acts."""
     method, report = train_tiny("neuroprune", 0.6)
-    counts = near_zero_by_kind(method.pruner)
+    counts = method.near_zero_by_kind()
     goal = method.part_target(method.total_steps, counts)
     assert goal > 0.6  # W^O is not penalised here: the penalised parts must make up for it
     for part in method.parts:
@@ -168,11 +170,11 @@ def test_hold_keeps_removed_weights_at_zero_and_pauses_the_penalty_at_target():
     made = [m.clone() for m in method.zeros.masks]
     assert sum(int(m.sum()) for m in made) > 0  # the proximal step made exact zeros
     with torch.no_grad():  # an optimiser step that would revive every removed weight
-        for p in matrix_parameters(method.pruner):
+        for p in method.index.counted_weights():
             p.add_(0.01)
     assert method.measured >= 0.3 - AT_TARGET  # at target: the penalty pauses, the zeros are re-imposed
-    before = [p.detach().clone() for p in matrix_parameters(method.pruner)]
+    before = [p.detach().clone() for p in method.index.counted_weights()]
     method.on_step_end(11)
-    for p, zero, old in zip(matrix_parameters(method.pruner), made, before):
+    for p, zero, old in zip(method.index.counted_weights(), made, before):
         assert torch.all(p[zero] == 0)
         assert torch.equal(p[~zero], old[~zero])  # survivors untouched: no shrinking

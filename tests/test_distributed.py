@@ -18,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 from transformers import AutoModel, BertForSequenceClassification
 
 import textdata
-from neuroprune import NeuroPrune, NeuroPruneConfig, cli, remap_optimizer
+from neuroprune import ModelIndex, NeuroPrune, NeuroPruneConfig, cli, remap_optimizer
 from neuroprune import distributed as npdist
 
 from tiny import duplicate_group, tiny_config
@@ -50,8 +50,8 @@ def _train(rank: int, world: int, init_file: str, out: str) -> dict:
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     model = _model()
     pruner = NeuroPrune(model, NeuroPruneConfig(**CONFIG))
-    duplicate_group(model, pruner.attention[0], 0, 1)  # planted redundancy: one head per layer
-    duplicate_group(model, pruner.attention[1], 2, 3)
+    duplicate_group(model, pruner.index.attention[0], 0, 1)  # planted redundancy: one head per layer
+    duplicate_group(model, pruner.index.attention[1], 2, 3)
     wrapped = DistributedDataParallel(model) if world > 1 else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     ids, labels = _data()
@@ -67,17 +67,17 @@ def _train(rank: int, world: int, init_file: str, out: str) -> dict:
         if rank == 1 and epoch == 0:
             # rank 1 drifts: on its own it would no longer see head 1 of layer 0 as redundant
             with torch.no_grad():
-                q = pruner.attention[0].qkv_matrices()[0]
-                q[pruner.attention[0].query_rows([1])] += 0.5
+                q = pruner.index.attention[0].qkv_matrices()[0]
+                q[pruner.index.attention[0].query_rows([1])] += 0.5
             local_decision = NeuroPrune(_copy(model), NeuroPruneConfig(**CONFIG)).prune_redundant_heads()
-        npdist.prune_redundant_heads(pruner)
+        pruner.prune_redundant_heads()  # under a process group: rank 0's decision on every rank
         remap_optimizer(opt, pruner.last_changes)
         if world > 1:
             wrapped = npdist.rewrap_ddp(wrapped)
     pruner.finalize()
     result = {
-        "heads": pruner.head_structure(),
-        "history": [[h["layer"], h["removed_heads"]] for h in pruner.history],
+        "heads": pruner.index.head_structure(),
+        "history": [[h["layer"], h["removed_heads"]] for h in pruner.index.history],
         "sparsity": pruner.sparsity_report().sparsity,
         "local_decision": local_decision,
     }
@@ -120,9 +120,9 @@ def test_two_processes_remove_the_same_heads_as_one(tmp_path):
 def test_without_a_process_group_it_is_the_plain_method():
     model = _model()
     pruner = NeuroPrune(model, NeuroPruneConfig(**CONFIG))
-    duplicate_group(model, pruner.attention[0], 1, 2)
+    duplicate_group(model, pruner.index.attention[0], 1, 2)
     assert not npdist.is_distributed() and npdist.is_main_process()
-    assert npdist.prune_redundant_heads(pruner) == {"bert.encoder.layer.0.attention": [1]}
+    assert pruner.prune_redundant_heads() == {"bert.encoder.layer.0.attention": [1]}
     assert npdist.same_on_all_ranks({"anything": 1})
 
 
@@ -153,7 +153,7 @@ def _planted_model_folder(path):
     whose masks would come from different random streams in one and in two processes."""
     folder = textdata.model_folder(path, "bert")
     model = AutoModel.from_pretrained(folder, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    units = NeuroPrune(model).attention
+    units = ModelIndex(model).attention
     duplicate_group(model, units[0], 0, 1)
     duplicate_group(model, units[1], 2, 3)
     model.save_pretrained(folder)

@@ -76,7 +76,7 @@ def test_similarity_is_l_inf_within_theta():
 def _prune_copies(family):
     model = tiny_model(family)
     pruner = NeuroPrune(model, NeuroPruneConfig(theta=1e-6))
-    for unit in pruner.attention:
+    for unit in pruner.index.attention:
         duplicate_group(model, unit, 0, unit.num_kv_heads - 1)
     return model, pruner
 
@@ -89,9 +89,9 @@ def test_removing_an_exact_copy_preserves_the_function(family):
     removed = pruner.prune_redundant_heads()
     after = main_output(model, inputs)
     # the earlier of two identical heads goes (ties favour later heads); GQA: its whole group
-    group = pruner.attention[0].group_size
-    assert removed == {u.name: list(range(group)) for u in pruner.attention}
-    assert all(u.num_heads == u.original_heads - group for u in pruner.attention)
+    group = pruner.index.attention[0].group_size
+    assert removed == {u.name: list(range(group)) for u in pruner.index.attention}
+    assert all(u.num_heads == u.original_heads - group for u in pruner.index.attention)
     assert torch.allclose(before, after, atol=1e-5, rtol=0), float((before - after).abs().max())
 
 
@@ -144,7 +144,7 @@ def test_gqa_rule_removes_whole_key_value_groups():
     heads per key/value head and the stock forward (repeat_kv) keeps working."""
     model = tiny_model("llama")
     pruner = NeuroPrune(model, NeuroPruneConfig(theta=1e-6))
-    unit = pruner.attention[0]
+    unit = pruner.index.attention[0]
     with torch.no_grad():  # two query heads of one group identical is not enough: K/V differ
         q, _, _ = unit.qkv_matrices()
         q[unit.query_rows([1])] = q[unit.query_rows([0])]
@@ -161,7 +161,7 @@ def test_merge_modes():
     for merge in ("output", "none", "mlp_input"):
         model = tiny_model("bert")
         pruner = NeuroPrune(model, NeuroPruneConfig(theta=1e-6, merge=merge))
-        unit = pruner.attention[0]
+        unit = pruner.index.attention[0]
         duplicate_group(model, unit, 0, 3)
         o_before = unit.o.weight.detach().clone()
         lin_before = model.encoder.layer[0].intermediate.dense.weight.detach().clone()
@@ -185,16 +185,16 @@ def test_history_records_graph_merges_and_importance():
     o_proj = model.encoder.layer[0].attention.output.dense
     importance_before = float(o_proj.weight[:, 0:8].detach().abs().sum())
     pruner.prune_redundant_heads()
-    event = pruner.history[0]
+    event = pruner.index.history[0]
     assert event["layer"] == "encoder.layer.0.attention" and event["pass"] == 0
     assert event["absorbed_by"] == {0: 3} and event["removed_heads"] == [0]
     assert event["similarity"][0] == [1, 0, 0, 1]
     assert event["importance"][0] == pytest.approx(importance_before)
-    assert pruner.prune_redundant_heads() == {} and pruner.passes == 2
+    assert pruner.prune_redundant_heads() == {} and pruner.index.passes == 2
 
 
 def test_prune_heads_switch():
     model, _ = _prune_copies("bert")
     pruner = NeuroPrune(model, NeuroPruneConfig(theta=1e-6, prune_heads=False))
     assert pruner.prune_redundant_heads() == {}
-    assert all(u.num_heads == 4 for u in pruner.attention)
+    assert all(u.num_heads == 4 for u in pruner.index.attention)

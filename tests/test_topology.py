@@ -31,15 +31,15 @@ def pruner() -> NeuroPrune:
 
 
 def test_degree_and_sd_in_percent_of_a_hand_made_matrix(pruner: NeuroPrune) -> None:
-    unit = pruner.mlps[0]
+    unit = pruner.index.mlps[0]
     w = unit.expand_matrices()[0]  # 48 neurons x 32 inputs
     with torch.no_grad():
         w.zero_()
         for i in range(48):
             w[i, : i % 33] = 0.5  # neuron i is connected to i % 33 inputs
         w[5, 10:20] = 1e-4  # below eps: does not count
-        pruner.mlps[1].expand_matrices()[0].fill_(0.5)  # fully connected: the dense spike
-    layers = mlp_degrees(pruner.mlps, pruner.config.eps)
+        pruner.index.mlps[1].expand_matrices()[0].fill_(0.5)  # fully connected: the dense spike
+    layers = mlp_degrees(pruner.index.mlps, pruner.config.eps)
     expected = [(i % 33) / 32 for i in range(48)]
     assert layers[0].row_length == 32
     assert layers[0].degrees.tolist() == pytest.approx(expected)
@@ -96,16 +96,16 @@ def test_graph_from_recorded_event_with_non_transitive_similarity() -> None:
 
 
 def test_graph_from_weights_matches_pruning(pruner: NeuroPrune) -> None:
-    unit = pruner.attention[0]
+    unit = pruner.index.attention[0]
     duplicate_group(pruner.model, unit, 1, 3)
     before = graph_from_weights(unit, theta=1e-6)
     assert before.edges == [(1, 3)] and before.absorbed_by == {1: 3}
     assert before.source.startswith("final weights")
     pruner.prune_redundant_heads(theta=1e-6)
-    after = removed_heads(pruner.attention)
-    assert after == {unit.name: [1], pruner.attention[1].name: []}
+    after = removed_heads(pruner.index.attention)
+    assert after == {unit.name: [1], pruner.index.attention[1].name: []}
     assert removed_per_index(after, 4) == [0, 1, 0, 0]
-    importance = head_importance(pruner.history, pruner.attention)
+    importance = head_importance(pruner.index.history, pruner.index.attention)
     assert len(importance.removed) == 1 and len(importance.kept_final) == 7
 
 

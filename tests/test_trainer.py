@@ -16,7 +16,8 @@ from transformers import (
 
 import textdata
 from neuroprune import NeuroPrune, NeuroPruneConfig
-from neuroprune.trainer import NeuroPruneTrainer, PruningMethod
+from neuroprune import SparsityMethod
+from neuroprune.trainer import NeuroPruneTrainer
 
 from tiny import duplicate_group, tiny_config
 
@@ -29,7 +30,7 @@ def _setup(tmp_path, duplicate=True, **args):
     pruner = NeuroPrune(model, NeuroPruneConfig(alpha=1e-3, beta=1e-3, theta=0.02))
     if duplicate:
         with torch.no_grad():
-            duplicate_group(model, pruner.attention[0], src=1, dst=3)
+            duplicate_group(model, pruner.index.attention[0], src=1, dst=3)
     tok = textdata.tokenizer()
     rows = textdata.sentiment_rows(16)
     data = Dataset.from_list(rows).map(
@@ -65,10 +66,10 @@ def _trainer(model, tok, data, args, **kw):
 
 def test_heads_pruned_each_epoch_optimizer_in_step_and_finalised(tmp_path):
     model, pruner, tok, data, args = _setup(tmp_path)
-    trainer = _trainer(model, tok, data, args, pruner=pruner)
+    trainer = _trainer(model, tok, data, args, method=pruner)
     trainer.train()
-    assert pruner.attention[0].num_heads == 3  # the duplicate went at the end of epoch 1
-    assert pruner.passes == 2
+    assert pruner.index.attention[0].num_heads == 3  # the duplicate went at the end of epoch 1
+    assert pruner.index.passes == 2
     params = {id(p) for p in model.parameters()}
     opt = trainer.optimizer.optimizer
     for group in opt.param_groups:
@@ -76,9 +77,10 @@ def test_heads_pruned_each_epoch_optimizer_in_step_and_finalised(tmp_path):
             assert id(p) in params  # no stale (pre-removal) tensor left in the optimiser
             if p in opt.state:
                 assert opt.state[p]["exp_avg"].shape == p.shape
-    for unit in [*pruner.attention, *pruner.mlps]:  # finalised: nothing below eps but exact zeros
-        for mat in unit.matrices().values():
-            assert not ((mat.abs() < pruner.config.eps) & (mat != 0)).any()
+    # finalised: in the penalised matrices nothing below eps but exact zeros; W^O (no penalty) untouched
+    assert "o" not in pruner.finalize_kinds and {"q", "k", "v", "up", "down"} <= pruner.finalize_kinds
+    for mat in pruner.index.counted_matrices(pruner.finalize_kinds):
+        assert not ((mat.abs() < pruner.config.eps) & (mat != 0)).any()
     logged = [h for h in trainer.state.log_history if "loss" in h]
     assert {"sparsity", "heads_kept", "penalty_mlp", "penalty_attention"} <= set(logged[0])
     assert logged[0]["heads_kept"] == 8 and logged[-1]["heads_kept"] == 7
@@ -89,15 +91,16 @@ def test_heads_pruned_each_epoch_optimizer_in_step_and_finalised(tmp_path):
 
 def test_prune_every_steps_within_one_epoch(tmp_path):
     model, pruner, tok, data, args = _setup(tmp_path, num_train_epochs=1)
-    trainer = _trainer(model, tok, data, args, pruner=pruner, prune_every_steps=2)
+    pruner.prune_every_steps = 2
+    trainer = _trainer(model, tok, data, args, method=pruner)
     trainer.train()
-    assert pruner.passes == 2  # steps 2 and 4 (the epoch end at step 4 does not prune twice)
-    assert pruner.history and pruner.history[0]["pass"] == 0
+    assert pruner.index.passes == 2  # steps 2 and 4 (the epoch end at step 4 does not prune twice)
+    assert pruner.index.history and pruner.index.history[0]["pass"] == 0
 
 
 def test_regulariser_is_in_the_loss_once_per_optimizer_step(tmp_path):
     model, pruner, tok, data, args = _setup(tmp_path, duplicate=False, gradient_accumulation_steps=2)
-    trainer = _trainer(model, tok, data, args, pruner=pruner)
+    trainer = _trainer(model, tok, data, args, method=pruner)
     batch = trainer._prepare_inputs(DataCollatorWithPadding(tok)(data[:4]))
     model.train()
     torch.manual_seed(0)
@@ -117,11 +120,16 @@ def test_regulariser_is_in_the_loss_once_per_optimizer_step(tmp_path):
     assert trainer.compute_loss(model, dict(batch)).item() < task.item() + reg.item() / 2
 
 
-class CountingMethod(PruningMethod):
+class CountingMethod(SparsityMethod):
     name = "counting"
 
     def __init__(self, model):
-        self.model, self.steps, self.epochs, self.ended = model, 0, 0, False
+        super().__init__(model)
+        self.steps, self.epochs, self.ended, self.began = 0, 0, False, None
+
+    def on_train_begin(self, total_steps, optimizer=None):
+        super().on_train_begin(total_steps, optimizer)
+        self.began = (total_steps, optimizer)
 
     def regularization_loss(self):
         return 0.0 * sum(p.sum() for p in self.model.parameters())
@@ -147,6 +155,8 @@ def test_a_custom_method_plugs_in(tmp_path):
     trainer = _trainer(model, tok, data, args, method=method)
     trainer.train()
     assert (method.steps, method.epochs, method.ended) == (8, 2, True)
+    # one callback drives every hook, on_train_begin included: total steps and the real optimiser
+    assert method.began[0] == 8 and method.began[1] is trainer.optimizer.optimizer
     assert all(h.get("custom_value") == 1.5 for h in trainer.state.log_history)
 
 
@@ -160,7 +170,7 @@ def test_per_layer_statistics_reach_tensorboard(tmp_path, monkeypatch):
     model, pruner, tok, data, args = _setup(
         tmp_path, num_train_epochs=1, report_to="tensorboard", eval_strategy="epoch"
     )
-    _trainer(model, tok, data, args, pruner=pruner).train()
+    _trainer(model, tok, data, args, method=pruner).train()
     events = EventAccumulator(str(next(p.parent for p in logs.rglob("events.out.tfevents.*"))))
     tags = set(events.Reload().Tags()["scalars"])
     assert {"train/sparsity", "train/heads_kept", "train/penalty_mlp"} <= tags

@@ -73,15 +73,18 @@ class ModelIndex:
         return [weight_matrix(m) for _, m in self.counted_modules(kinds)]
 
     @torch.no_grad()
-    def near_zero_by_kind(self, eps: float) -> dict[str, tuple[int, int]]:
-        """(entries with |w| < eps or removed, dense entries) per matrix kind over all blocks:
-        what `finalize(eps)` would leave as zeros now, against the dense shapes."""
+    def near_zero_by_kind(self, eps: float, finalized: frozenset[str] | set[str] | None = None
+                          ) -> dict[str, tuple[int, int]]:
+        """(zeros after `finalize(eps, finalized)`, dense entries) per matrix kind over all
+        blocks, against the dense shapes: removed entries, plus |w| < eps in the kinds
+        `finalized` (all when None) and exact zeros in the others."""
         counts: dict[str, tuple[int, int]] = {}
         for unit in [*self.attention, *self.mlps]:
             for key, mat in unit.matrices().items():
                 dense = unit.original_numel[key]
+                small = mat.abs() < eps if finalized is None or key in finalized else mat == 0
                 zeros, total = counts.get(key, (0, 0))
-                counts[key] = (zeros + dense - mat.numel() + int((mat.abs() < eps).sum()), total + dense)
+                counts[key] = (zeros + dense - mat.numel() + int(small.sum()), total + dense)
         return counts
 
     @torch.no_grad()

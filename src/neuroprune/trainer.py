@@ -37,6 +37,7 @@ class _MethodCallback(TrainerCallback):
 
     def __init__(self, trainer: NeuroPruneMixin) -> None:
         self.trainer = trainer
+        self.epochs_ended: set[int] = set()
 
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
         optimizer = optimizer if optimizer is not None else self.trainer.optimizer
@@ -44,9 +45,18 @@ class _MethodCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self.trainer.apply_changes(self.trainer.method.on_step_end(state.global_step))
+        if state.epoch is not None and state.epoch > 0 and state.epoch == int(state.epoch):
+            # the epoch's last step: its epoch-end hook runs now, before this step's checkpoint
+            # is saved, so that a run resumed from that checkpoint has had it too
+            self._epoch_end(int(state.epoch) - 1)
 
     def on_epoch_end(self, args, state, control, **kwargs):
-        epoch = max(int(round(state.epoch or 0)) - 1, 0)
+        self._epoch_end(max(int(round(state.epoch or 0)) - 1, 0))  # an epoch cut short by max_steps
+
+    def _epoch_end(self, epoch: int) -> None:
+        if epoch in self.epochs_ended:
+            return
+        self.epochs_ended.add(epoch)
         self.trainer.apply_changes(self.trainer.method.on_epoch_end(epoch))
 
     def on_save(self, args, state, control, **kwargs):
@@ -155,6 +165,16 @@ class NeuroPruneMixin:
         loss = super().training_step(model, inputs, num_items_in_batch)
         check_loss(loss, self.state.global_step + 1, self.last_good_checkpoint)
         return loss
+
+    # --- evaluation -----------------------------------------------------------------------------
+    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
+        """As `Trainer.evaluate`, without touching the training's random state: building the
+        evaluation DataLoader iterator draws from the global CPU generator, so an evaluation at an
+        epoch end after a checkpoint would otherwise shift every later dropout mask, and a run
+        resumed from that checkpoint (whose saved RNG state predates the evaluation) would not end
+        where the uninterrupted run ends."""
+        with torch.random.fork_rng(devices=[]):
+            return super().evaluate(*args, **kwargs)
 
     # --- logging --------------------------------------------------------------------------------
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

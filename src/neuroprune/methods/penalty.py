@@ -147,7 +147,7 @@ class PenaltyMethod(SparsityMethod):
         if self.proximal:
             self.proximal_steps(step)
         if self.controllers:
-            self.counts = self.index.near_zero_by_kind(self.config.eps)
+            self.counts = self.near_zero_by_kind()
             for part in self.parts:
                 measured = fraction(self.counts, part.kinds)
                 goal = self.part_target(step, self.counts, part)
@@ -173,7 +173,7 @@ class PenaltyMethod(SparsityMethod):
         lr = self.optimizer.param_groups[0]["lr"] if self.optimizer is not None else 1.0
         hard = self.target is not None and self.target.step == "hard"
         limit = self.target is not None and self.target.limit_step
-        now = self.index.near_zero_by_kind(self.config.eps) if limit else None
+        now = self.near_zero_by_kind() if limit else None
         for part in active:
             room = None
             if now is not None:  # entries this part may still lose this step
@@ -181,6 +181,10 @@ class PenaltyMethod(SparsityMethod):
                 room = max(0, math.floor(self.part_target(step, now, part) * total) - zeros)
             params = self.index.counted_weights(part.kinds)
             proximal_step(self.part_penalty([part]), params, lr, hard, room, self.config.eps)
+
+    def near_zero_by_kind(self) -> dict[str, tuple[int, int]]:
+        """Per matrix kind, the zeros `finalize()` would leave now (the controller's measure)."""
+        return self.index.near_zero_by_kind(self.config.eps, self.finalize_kinds)
 
     def apply_scales(self) -> None:
         for part in self.parts:
