@@ -22,6 +22,7 @@ from .errors import (
 )
 from .index import ModelIndex
 from .methods import GMP, L1, METHODS, Dense, NeuroPrune, SparsityMethod, build_method, check_method
+from .modelload import resolve_model_path
 from .optim import remap_optimizer
 from .sparsity import SparsityReport
 
@@ -32,7 +33,7 @@ __all__ = [
     "DistributedError", "ModelError", "ModelIndex", "NeuroPrune", "NeuroPruneConfig", "NeuroPruneError",
     "NeuroPruneTrainer", "NeuroPruneSeq2SeqTrainer", "NonFiniteError", "ReportError", "SparsityMethod",
     "SparsityReport", "SparsityTarget", "UnsupportedArchitectureError", "build_method", "check_method",
-    "compact", "load", "remap_optimizer", "__version__",
+    "compact", "load", "remap_optimizer", "resolve_model_path", "__version__",
 ]
 
 
