@@ -250,10 +250,7 @@ def run_cell(task: str, method_name: str, sparsity: int | None, args: argparse.N
         model.train()
         start = time.perf_counter()
         for batch in batches(train, spec["fields"], tok, args.batch, length, rng):
-            loss = model(**batch).loss
-            reg = method.regularization_loss()
-            if reg is not None:
-                loss = loss + reg
+            loss = model(**batch).loss + method.regularization_loss()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -272,8 +269,8 @@ def run_cell(task: str, method_name: str, sparsity: int | None, args: argparse.N
     dense_params = sum(p.numel() for p in model.parameters())
     probe = list(batches(test[:128], spec["fields"], tok, 64, length))
     before = predictions(model, probe)
-    pruner = compact(method)
-    agreement = float((predictions(pruner.model, probe) == before).float().mean())
+    index = compact(method)
+    agreement = float((predictions(index.model, probe) == before).float().mean())
     return {
         "task": task, "method": method_name, "target_sparsity": sparsity,
         "model": "SmolLM2-135M" if args.decoder else "all-MiniLM-L6-v2",
@@ -284,11 +281,11 @@ def run_cell(task: str, method_name: str, sparsity: int | None, args: argparse.N
         "layers": [{"name": layer.name, "kind": layer.kind, "sparsity": round(layer.sparsity * 100, 2)}
                    for layer in report.layers],
         "heads_kept": report.heads_kept, "heads_total": report.heads_total,
-        "heads_kept_compacted": pruner.sparsity_report().heads_kept,
+        "heads_kept_compacted": index.report(method.config.eps).heads_kept,
         "train_wall_clock_s": round(train_s, 1), "epochs": epochs, "steps": total,
         "train_samples": len(train), "test_samples": len(test),
-        "params_before": dense_params, "params_compacted": sum(p.numel() for p in pruner.model.parameters()),
-        "latency": latency(pruner.model, task, test, tok, args.latency_runs),
+        "params_before": dense_params, "params_compacted": sum(p.numel() for p in index.model.parameters()),
+        "latency": latency(index.model, task, test, tok, args.latency_runs),
         "summary": method.summary(), "per_epoch": per_epoch, "load": load(),
         "controller": {name: loop.history[::5] for name, loop in getattr(method, "controllers", {}).items()},
         "settings": {**{k: v for k, v in vars(args).items() if k in (

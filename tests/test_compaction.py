@@ -74,7 +74,8 @@ def test_compaction_is_exact_and_smaller(family):
         assert torch.equal(generate(model, family), tokens)
     structure = pruner.index.structure()
     for key in ("mlp_neurons", "attention_inputs", "contract_rows"):
-        assert len(structure[key]) == len(pruner.index.mlps if key != "attention_inputs" else pruner.index.attention)
+        units = pruner.index.mlps if key != "attention_inputs" else pruner.index.attention
+        assert len(structure[key]) == len(units)
     for unit in pruner.index.mlps:  # a third plus a sixth of the neurons were dead
         assert len(unit.kept_neurons) == unit.original_neurons - unit.original_neurons // 2
     assert sum(p.numel() for p in model.parameters()) < 0.9 * params

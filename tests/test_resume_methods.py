@@ -23,8 +23,8 @@ from safetensors.torch import load_file
 import textdata
 from neuroprune import cli
 from neuroprune.errors import NeuroPruneError
-from neuroprune.train import train_run
 from neuroprune.settings import TrainSettings
+from neuroprune.train import train_run
 
 # 24 rows, batch 4: 6 steps an epoch, 3 epochs = 18 steps; checkpoints every 4 steps; the kill
 # falls mid-epoch 3 after checkpoint-12, past GMP's first mask update (step 10, interval 10)
@@ -59,7 +59,8 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("resume_methods")
     model = textdata.model_folder(root / "model", "bert")
     files = textdata.splits(root / "data", textdata.sentiment_rows, sizes=(24, 8))
-    settings = dict(model=str(model), train_file=str(files["train"]), validation_file=str(files["validation"]),
+    settings = dict(model=str(model), train_file=str(files["train"]),
+                    validation_file=str(files["validation"]),
                     epochs=3, batch_size=4, save_steps=4, learning_rate=1e-3, alpha=1e-2, beta=1e-2,
                     max_length=16, logging_steps=100, report_to="none", seed=7)
     yield root, settings
@@ -75,7 +76,8 @@ def _method_state(checkpoint):
 
 
 def _kill(settings, output_dir):
-    proc = subprocess.run([sys.executable, "-c", DRIVER, json.dumps({**settings, "output_dir": str(output_dir)}),
+    arguments = json.dumps({**settings, "output_dir": str(output_dir)})
+    proc = subprocess.run([sys.executable, "-c", DRIVER, arguments,
                            str(KILL_AT)], capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
@@ -130,13 +132,14 @@ def test_resume_with_another_method_is_refused(setup, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "method='l1'" in err and "(run has 'gmp')" in err
     # and the Trainer itself refuses a checkpoint of another method
-    from neuroprune import build_method
-    from neuroprune.trainer import NeuroPruneTrainer
     from transformers import AutoModelForSequenceClassification, TrainingArguments
 
+    from neuroprune import build_method
+    from neuroprune.trainer import NeuroPruneTrainer
+
     model = AutoModelForSequenceClassification.from_pretrained(base["model"], num_labels=2)
-    trainer = NeuroPruneTrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path / "t"), report_to="none",
-                                                                     use_cpu=True),
+    args = TrainingArguments(output_dir=str(tmp_path / "t"), report_to="none", use_cpu=True)
+    trainer = NeuroPruneTrainer(model=model, args=args,
                                 method=build_method("dense", model))
     with pytest.raises(NeuroPruneError, match="trained with method 'gmp', not 'dense'"):
         trainer.train(resume_from_checkpoint=str(checkpoint))

@@ -15,8 +15,7 @@ from transformers import (
 )
 
 import textdata
-from neuroprune import NeuroPrune, NeuroPruneConfig
-from neuroprune import SparsityMethod
+from neuroprune import NeuroPrune, NeuroPruneConfig, SparsityMethod
 from neuroprune.trainer import NeuroPruneTrainer
 
 from tiny import duplicate_group, tiny_config

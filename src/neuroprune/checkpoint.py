@@ -1,7 +1,8 @@
 """Save and reload a pruned model: HF config + safetensors weights + `neuroprune.json` (the
 discovery options of its `ModelIndex`, the structure that differs from the dense config, e.g.
-heads kept per layer, and what the method that trained it records: its name and user config). Writes go to a temporary folder that is renamed into place, so a crash never leaves a
-half-written checkpoint."""
+heads kept per layer, and what the method that trained it records: its name and user config).
+Writes go to a temporary folder that is renamed into place, so a crash never leaves a half-written
+checkpoint."""
 
 from __future__ import annotations
 

@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 from .architectures import discover
-from .structure import compaction_structure, restore_compaction
 from .errors import NeuroPruneError
 from .sparsity import SparsityReport, report
+from .structure import compaction_structure, restore_compaction
 from .surgery import weight_matrix
 from .units import AttentionUnit, MLPUnit
 

@@ -150,7 +150,7 @@ def gather_block_inputs(unit: AttentionUnit, keep: list[int]) -> None:
         gather_inputs(module, keep, shared)
 
 
-# --- the record in a checkpoint ------------------------------------------------------------------------------
+# --- the record in a checkpoint -------------------------------------------------------------
 
 def compaction_structure(index: ModelIndex) -> dict[str, Any]:
     """The compacted shapes, by original indices (empty for a model that was never compacted)."""

@@ -51,8 +51,9 @@ class NeuroPrune(PenaltyMethod):
                  target: SparsityTarget | None = None, prune_every_steps: int = 0,
                  proximal: bool | None = None) -> None:
         super().__init__(model, config, target, proximal)
-        if isinstance(prune_every_steps, bool) or not isinstance(prune_every_steps, int) or prune_every_steps < 0:
-            raise NeuroPruneError(f"prune_every_steps must be a whole number >= 0, got {prune_every_steps!r}.")
+        every = prune_every_steps
+        if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+            raise NeuroPruneError(f"prune_every_steps must be a whole number >= 0, got {every!r}.")
         self.prune_every_steps = prune_every_steps
         self.theta = self.config.theta
         self.last_changes: list[ParamChange] = []
@@ -217,7 +218,8 @@ class NeuroPrune(PenaltyMethod):
         if self.parts:
             with torch.no_grad():
                 penalties = self.penalties()
-            values.update(penalty_mlp=float(penalties["mlp"]), penalty_attention=float(penalties["attention"]))
+            values.update(penalty_mlp=float(penalties["mlp"]),
+                          penalty_attention=float(penalties["attention"]))
         values["theta"] = self.theta
         goal = self.heads_target(self.step)
         if goal is not None:

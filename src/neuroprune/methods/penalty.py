@@ -15,7 +15,7 @@ from torch import nn
 from ..config import NeuroPruneConfig
 from ..controller import SparsityTarget, TargetController, count_of, fraction
 from ..errors import ConfigError
-from ..index import ATTENTION_KINDS, MLP_KINDS, ModelIndex
+from ..index import ModelIndex
 from ..surgery import ParamChange
 from .base import SparsityMethod
 
