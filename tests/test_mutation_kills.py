@@ -136,15 +136,16 @@ def test_compaction_rule_accepts_multiple_of_one():
 # --- sparsity accounting --------------------------------------------------------------------------
 
 def test_degree_stats_by_hand():
-    stats = DegreeStats.of(torch.tensor([0.0, 0.025, 0.525, 0.975]))
+    degrees = (0.0, 0.025, 0.525, 0.275)  # max < 1: bins must span [0, 1], not the data's range
+    stats = DegreeStats.of(torch.tensor(degrees))
     hist = [0] * 20
-    hist[0], hist[10], hist[19] = 2, 1, 1  # 20 bins of width 0.05 over [0, 1]
+    hist[0], hist[5], hist[10] = 2, 1, 1  # 20 bins of width 0.05 over [0, 1]
     assert stats.histogram == hist
     assert stats.bin_edges == pytest.approx([i / 20 for i in range(21)], abs=1e-7)
     assert stats.dead == 1
-    assert stats.mean == pytest.approx(1.525 / 4)
-    mean = 1.525 / 4
-    sd = math.sqrt(sum((x - mean) ** 2 for x in (0.0, 0.025, 0.525, 0.975)) / 4)
+    mean = sum(degrees) / 4
+    assert stats.mean == pytest.approx(mean)
+    sd = math.sqrt(sum((x - mean) ** 2 for x in degrees) / 4)
     assert stats.sd_percent == pytest.approx(100 * sd)
 
 
