@@ -3,11 +3,7 @@ sealed, intact checkpoints are resumed from."""
 
 import json
 import math
-import os
 import shutil
-import signal
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -27,6 +23,7 @@ from neuroprune.guards import (
 from neuroprune.run_folder import RunDir
 from neuroprune.settings import TrainSettings
 from neuroprune.train import train_run
+from sigkill import train_and_kill
 
 
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
@@ -92,21 +89,6 @@ def test_the_newest_intact_checkpoint_is_chosen_and_skips_are_reported(tmp_path)
 # --- a real run killed with SIGKILL mid-epoch, then resumed ------------------------------------
 KILL_AT = 9  # 6 steps per epoch: mid-epoch 2, after the epoch-1 pruning pass and checkpoint-8
 
-DRIVER = """
-import json, os, signal, sys
-from transformers import TrainerCallback
-from neuroprune.settings import TrainSettings
-from neuroprune.train import train_run
-
-class Kill(TrainerCallback):
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == int(sys.argv[2]):
-            os.kill(os.getpid(), signal.SIGKILL)
-
-train_run(TrainSettings(**json.loads(sys.argv[1])), callbacks=[Kill()], quiet=True)
-"""
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     threads = torch.get_num_threads()
@@ -142,11 +124,7 @@ def test_sigkill_mid_epoch_then_resume_ends_like_an_uninterrupted_run(setup, tmp
     assert sum(len(h) for h in expected_heads.values()) < 8, "the run must remove heads to test their restore"
 
     killed = tmp_path / "killed"
-    proc = subprocess.run([sys.executable, "-c", DRIVER, json.dumps({**settings, "output_dir": str(killed)}),
-                           str(KILL_AT)], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
-    assert not (killed / "model").exists()
+    train_and_kill(settings, killed, KILL_AT)
     assert sorted(p.name for p in (killed / "checkpoints").glob("checkpoint-*")) == ["checkpoint-4",
                                                                                    "checkpoint-8"]
     shutil.copytree(killed, tmp_path / "corrupted")

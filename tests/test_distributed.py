@@ -20,6 +20,7 @@ from transformers import AutoModel, BertForSequenceClassification
 import textdata
 from neuroprune import ModelIndex, NeuroPrune, NeuroPruneConfig, cli, remap_optimizer
 from neuroprune import distributed as npdist
+from neuroprune.heads import prune_unit
 
 from tiny import duplicate_group, tiny_config
 
@@ -69,7 +70,10 @@ def _train(rank: int, world: int, init_file: str, out: str) -> dict:
             with torch.no_grad():
                 q = pruner.index.attention[0].qkv_matrices()[0]
                 q[pruner.index.attention[0].query_rows([1])] += 0.5
-            local_decision = NeuroPrune(_copy(model), NeuroPruneConfig(**CONFIG)).prune_redundant_heads()
+            # what rank 1 would decide alone (no collective: `prune_unit` on a copy, block by block)
+            alone = ModelIndex(_copy(model))
+            events = [prune_unit(u, CONFIG["theta"], "output")[0] for u in alone.attention]
+            local_decision = {e.layer: e.removed_heads for e in events if e is not None}
         pruner.prune_redundant_heads()  # under a process group: rank 0's decision on every rank
         remap_optimizer(opt, pruner.last_changes)
         if world > 1:

@@ -15,28 +15,26 @@ from torch import nn
 
 from neuroprune import CheckpointError, CompactionRule, ConfigError, UnsupportedArchitectureError
 from neuroprune.architectures import AttentionLayout, Found, MLPLayout, discover
-from neuroprune.compaction import (
-    SharedGather,
-    compact_attention,
-    compact_mlp,
-    compaction_structure,
-    drop_output_rows,
-    gather_inputs,
-    kept_inputs,
-    kept_outputs,
-    neuron_constants,
-    restore_compaction,
-)
+from neuroprune.compaction import compact_attention, compact_mlp, neuron_constants
 from neuroprune.controller import (
     SparsityTarget,
     TargetController,
     count_of,
     cubic_schedule,
     fraction,
-    near_zero_by_kind,
 )
 from neuroprune.heads import group_distances, merge_into_mlp_input, prune_unit, similarity_graph
+from neuroprune.index import ModelIndex
 from neuroprune.sparsity import DegreeStats, LayerSparsity, SparsityReport, attention_sparsity, report
+from neuroprune.structure import (
+    SharedGather,
+    compaction_structure,
+    drop_output_rows,
+    gather_inputs,
+    kept_inputs,
+    kept_outputs,
+    restore_compaction,
+)
 from neuroprune.surgery import head_rows, select_inputs, select_outputs, weight_matrix
 from neuroprune.units import AttentionUnit, MLPUnit
 
@@ -95,8 +93,8 @@ def test_near_zero_counts_entries_strictly_below_eps():
     with torch.no_grad():
         unit.up.weight.copy_(torch.tensor([[0.5, 0.25], [1.0, -0.5]]))  # |w| == eps is not below
         unit.down.weight.copy_(torch.tensor([[0.0, 2.0], [0.49, 3.0]]))
-    pruner = SimpleNamespace(config=SimpleNamespace(eps=0.5), attention=[], mlps=[unit])
-    assert near_zero_by_kind(pruner) == {"up": (1, 4), "down": (2, 4)}
+    index = SimpleNamespace(attention=[], mlps=[unit])
+    assert ModelIndex.near_zero_by_kind(index, 0.5) == {"up": (1, 4), "down": (2, 4)}
 
 
 @pytest.mark.parametrize(
@@ -498,14 +496,14 @@ def test_gated_neurons_with_unknown_activation():
 
 
 def test_activation_is_looked_up_next_to_a_nested_expand_projection():
-    from neuroprune.compaction import activation_of
+    from neuroprune.architectures import activation_of
 
     m = nn.Module()
     m.inner = nn.Module()
     m.inner.block = nn.Module()
     m.inner.block.up, m.inner.block.act, m.down = nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 2)
     unit = MLPUnit(Found("mlp", m, MLPLayout(up="inner.block.up", down="down")))
-    assert activation_of(unit) is m.inner.block.act
+    assert activation_of(unit.module, unit.layout.up) is m.inner.block.act
 
 
 def _t5_with_up_bias(seed: int = 0):

@@ -11,10 +11,6 @@ zeros of a penalty method) is rebuilt in `on_train_begin`, after they are loaded
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -25,24 +21,11 @@ from neuroprune import cli
 from neuroprune.errors import NeuroPruneError
 from neuroprune.settings import TrainSettings
 from neuroprune.train import train_run
+from sigkill import train_and_kill
 
 # 24 rows, batch 4: 6 steps an epoch, 3 epochs = 18 steps; checkpoints every 4 steps; the kill
 # falls mid-epoch 3 after checkpoint-12, past GMP's first mask update (step 10, interval 10)
 KILL_AT = 14
-DRIVER = """
-import json, os, signal, sys
-from transformers import TrainerCallback
-from neuroprune.train import train_run
-from neuroprune.settings import TrainSettings
-
-class Kill(TrainerCallback):
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == int(sys.argv[2]):
-            os.kill(os.getpid(), signal.SIGKILL)
-
-train_run(TrainSettings(**json.loads(sys.argv[1])), callbacks=[Kill()], quiet=True)
-"""
-
 METHODS = {
     "neuroprune": dict(method="neuroprune", theta=0.2),  # the paper's mode: penalties in the loss
     "neuroprune-target": dict(method="neuroprune", target_sparsity=0.5, target_heads=5),
@@ -75,22 +58,13 @@ def _method_state(checkpoint):
     return json.loads((checkpoint / "neuroprune_method.json").read_text())
 
 
-def _kill(settings, output_dir):
-    arguments = json.dumps({**settings, "output_dir": str(output_dir)})
-    proc = subprocess.run([sys.executable, "-c", DRIVER, arguments,
-                           str(KILL_AT)], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
-    assert not (output_dir / "model").exists()
-
-
 @pytest.mark.parametrize("name", list(METHODS))
 def test_sigkill_then_resume_ends_with_the_uninterrupted_weights_and_state(setup, tmp_path, name):
     root, base = setup
     settings = {**base, **METHODS[name]}
     straight = train_run(TrainSettings(**settings, output_dir=str(tmp_path / "straight")), quiet=True)
     killed = tmp_path / "killed"
-    _kill(settings, killed)
+    train_and_kill(settings, killed, KILL_AT)
     resumed = train_run(TrainSettings(**settings, output_dir=str(killed), resume=True), quiet=True)
 
     a, b = _weights(straight.run_dir), _weights(resumed.run_dir)
@@ -120,7 +94,7 @@ def test_resume_with_another_method_is_refused(setup, tmp_path, capsys):
     root, base = setup
     settings = {**base, **METHODS["gmp"], "epochs": 1}
     out = tmp_path / "run"
-    _kill({**settings, "epochs": 3}, out)
+    train_and_kill({**settings, "epochs": 3}, out, KILL_AT)
     checkpoint = out / "checkpoints" / "checkpoint-12"
     assert _method_state(checkpoint)["method"] == "gmp"
     # the run folder remembers its settings: another method on --resume is a changed setting

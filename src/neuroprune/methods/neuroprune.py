@@ -122,7 +122,8 @@ class NeuroPrune(PenaltyMethod):
     def prune_redundant_heads(self, theta: float | None = None) -> dict[str, list[int]]:
         """Remove heads that duplicate another head (within `theta`, default the current
         `self.theta`, in l_inf), layer by layer; under torch.distributed the same decision is
-        made on every rank (weights broadcast from rank 0 first). Returns ``{attention module
+        made on every rank (weights broadcast from rank 0 first: a collective, call it on every
+        rank at once). Returns ``{attention module
         name: [removed original head indices]}``; the parameter changes are in `last_changes`."""
         theta = self.theta if theta is None else theta
         self.last_changes = []
