@@ -91,7 +91,7 @@ def test_float_labels_mean_regression(tmp_path):
     rows = textdata.sentiment_rows(8, seed=1, labels="float")
     predicted = _predictions(result.run_dir, rows, ["sentence"])[:, 0].numpy()
     by_hand = np.corrcoef(predicted, [r["label"] for r in rows])[0, 1]
-    assert pearson == pytest.approx(by_hand, abs=1e-5)
+    assert pearson == pytest.approx(by_hand, abs=1e-4)  # float32 predictions vs float64 by hand
 
 
 def test_translation_reports_bleu(tmp_path):
