@@ -1,5 +1,5 @@
 """all-MiniLM-L6-v2 on GLUE RTE and MRPC (the copies in ../shared/data), dense fine-tuning versus
-NeuroPrune, through the same `neuroprune train` pipeline users run (`neuroprune.train.train_run`).
+NeuroPrune, through the same `neuroprune train` pipeline users run (`neuroprune.training.train.train_run`).
 
 Each (task, method) is one run directory under --runs; finished runs are recorded in
 benchmarks/results/glue_minilm.json as they complete and skipped when the script is run again,
@@ -21,8 +21,8 @@ from typing import Any
 
 from neuroprune.files import write_json, write_text
 from neuroprune.run_folder import versions
-from neuroprune.settings import TrainSettings
-from neuroprune.train import train_run
+from neuroprune.training.settings import TrainSettings
+from neuroprune.training.train import train_run
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -39,8 +39,8 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from common import load, machine, write_atomic
 from neuroprune import NeuroPruneConfig, remap_optimizer
 from neuroprune.compaction import compact
-from neuroprune.controller import SparsityTarget
 from neuroprune.methods import METHODS, build_method
+from neuroprune.methods.steering import SparsityTarget
 
 RESULTS = Path(__file__).resolve().parent / "results" / "sweep"
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -4,7 +4,7 @@
     .venv/bin/pip install -e ".[mutation]"
     .venv/bin/python scripts/mutation.py              # fresh run, 2 workers, OMP_NUM_THREADS=1
     .venv/bin/python scripts/mutation.py --keep       # reuse .mutation/ (mutmut re-tests changed code only)
-    .venv/bin/python scripts/mutation.py --only 'neuroprune.heads.*'   # a subset of mutants (glob)
+    .venv/bin/python scripts/mutation.py --only 'neuroprune.methods.heads.*'   # a subset of mutants (glob)
     .venv/bin/python scripts/mutation.py --report-only  # rewrite the results from .mutation/
 
 What it does: copies `src/`, `tests/` and `pyproject.toml` of a commit (HEAD unless `--rev` or
@@ -43,13 +43,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # --- the one place to change when the core modules move (paths relative to the repository root) ---
 CORE_MODULES = [
-    "src/neuroprune/penalties.py",
-    "src/neuroprune/heads.py",
-    "src/neuroprune/units.py",
-    "src/neuroprune/surgery.py",
+    "src/neuroprune/methods/penalties.py",
+    "src/neuroprune/methods/heads.py",
+    "src/neuroprune/model/units.py",
+    "src/neuroprune/model/surgery.py",
     "src/neuroprune/compaction.py",
-    "src/neuroprune/controller.py",
-    "src/neuroprune/sparsity.py",
+    "src/neuroprune/methods/steering.py",
+    "src/neuroprune/model/sparsity.py",
 ]
 
 # The fast, unit-level tests that exercise them (no Trainer / CLI / crash tests: too slow per mutant).
@@ -206,7 +206,7 @@ def planted_mutant_check() -> str:
         "import sys, pytest; from pathlib import Path;"
         "sys.path.insert(0, str(Path('mutants/src').absolute()));"
         "sys.path[:] = [p for p in sys.path if Path(p).resolve() != Path('src').resolve()];"
-        "import neuroprune.penalties as m; print('imported', m.__file__);"
+        "import neuroprune.methods.penalties as m; print('imported', m.__file__);"
         "assert '/mutants/' in m.__file__;"
         "sys.exit(pytest.main(['-q', '-x', '-p', 'no:cacheprovider', *sys.argv[1:]]))"
     )
@@ -251,8 +251,8 @@ def changed_lines(diff: str) -> tuple[list[str], list[str]]:
 
 
 def function_of(name: str) -> str:
-    """`neuroprune.heads.x_find_dominating__mutmut_7` -> `neuroprune.heads.find_dominating`;
-    methods: `neuroprune.units.xǁAttentionUnitǁkeep_groups__mutmut_3` -> `...AttentionUnit.keep_groups`."""
+    """`neuroprune.methods.heads.x_find_dominating__mutmut_7` -> `...heads.find_dominating`;
+    methods: `model.units.xǁAttentionUnitǁkeep_groups__mutmut_3` -> `..AttentionUnit.keep_groups`."""
     module, _, mangled = name.rpartition(".")
     mangled = re.sub(r"__mutmut_\d+$", "", mangled)
     mangled = mangled[2:] if mangled.startswith("x_") else mangled
@@ -396,7 +396,7 @@ def main() -> None:
     )
     parser.add_argument("--keep", action="store_true", help="reuse .mutation/ and its earlier results")
     parser.add_argument(
-        "--only", action="append", help="glob over mutant names, e.g. 'neuroprune.heads.*' (repeatable)"
+        "--only", action="append", help="glob over mutant names, e.g. 'neuroprune.methods.heads.*'"
     )
     parser.add_argument("--report-only", action="store_true", help="rewrite the results from .mutation/")
     args = parser.parse_args()

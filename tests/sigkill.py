@@ -14,8 +14,8 @@ from typing import Any
 DRIVER = """
 import json, os, signal, sys
 from transformers import TrainerCallback
-from neuroprune.settings import TrainSettings
-from neuroprune.train import train_run
+from neuroprune.training.settings import TrainSettings
+from neuroprune.training.train import train_run
 
 class Kill(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):

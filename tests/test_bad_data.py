@@ -12,10 +12,10 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from neuroprune.data import encode
-from neuroprune.dataprep import prepare_data
 from neuroprune.errors import DataError, NeuroPruneError
-from neuroprune.settings import TrainSettings
+from neuroprune.training.data import encode
+from neuroprune.training.dataprep import prepare_data
+from neuroprune.training.settings import TrainSettings
 from textdata import sentiment_rows, tokenizer, write
 
 

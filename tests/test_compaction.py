@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 import neuroprune
 from neuroprune import CheckpointError, CompactionRule, ConfigError, ModelIndex, NeuroPrune, NeuroPruneConfig
 from neuroprune.cli import main as cli_main
-from neuroprune.surgery import weight_matrix
+from neuroprune.model.surgery import weight_matrix
 
 from tiny import DECODERS, FAMILIES, SEQ2SEQ, duplicate_group, main_output, tiny_inputs, tiny_model
 
@@ -259,7 +259,7 @@ def test_cli_compacts_a_run_directory(tmp_path, capsys):
 def test_query_key_value_share_one_gather_and_release_it():
     from torch.overrides import TorchFunctionMode
 
-    from neuroprune.structure import SHARED_GATHER
+    from neuroprune.model.structure import SHARED_GATHER
 
     class CountGathers(TorchFunctionMode):
         calls = 0

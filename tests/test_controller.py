@@ -10,14 +10,14 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from neuroprune import ConfigError, NeuroPrune, NeuroPruneConfig, remap_optimizer
-from neuroprune.controller import (
+from neuroprune.methods import build_method
+from neuroprune.methods.penalty import AT_TARGET
+from neuroprune.methods.steering import (
     SparsityTarget,
     TargetController,
     cubic_schedule,
     fraction,
 )
-from neuroprune.methods import build_method
-from neuroprune.methods.penalty import AT_TARGET
 
 from tiny import VOCAB, tiny_config, tiny_model
 

@@ -21,8 +21,8 @@ from neuroprune.guards import (
     write_manifest,
 )
 from neuroprune.run_folder import RunDir
-from neuroprune.settings import TrainSettings
-from neuroprune.train import train_run
+from neuroprune.training.settings import TrainSettings
+from neuroprune.training.train import train_run
 from sigkill import train_and_kill
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 import textdata
-from neuroprune.data import (
+from neuroprune.training.data import (
     DataError,
     build_task,
     encode,
@@ -142,7 +142,7 @@ def test_hub_failure_is_a_clear_error(monkeypatch):
 
 
 def test_demo_split_keeps_every_movie_in_one_split():
-    from neuroprune.demo import load_corpus, movie_split
+    from neuroprune.training.demo import load_corpus, movie_split
 
     rows = [{"movie_name": f"m{i % 37}", "text": f"snippet {i}", "label": i % 2} for i in range(400)]
     splits = movie_split(rows, {"train": 200, "validation": 50, "test": 100}, seed=3)

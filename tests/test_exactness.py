@@ -17,7 +17,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 import neuroprune
 from neuroprune import CompactionRule, NeuroPrune, NeuroPruneConfig
 from neuroprune.cli import main as cli_main
-from neuroprune.surgery import weight_matrix
+from neuroprune.model.surgery import weight_matrix
 
 from tiny import COMMON, CONFIGS, FAMILIES, duplicate_group, main_output, tiny_inputs, tiny_model
 

@@ -10,7 +10,7 @@ import torch
 import neuroprune
 from neuroprune import NeuroPruneError
 from neuroprune.cli import main as cli_main
-from neuroprune.export import example_inputs, export_onnx
+from neuroprune.integrations.export import example_inputs, export_onnx
 from test_compaction import structured
 
 from tiny import tiny_model

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from neuroprune import NeuroPrune, NeuroPruneConfig
-from neuroprune.controller import SparsityTarget, TargetController
-from neuroprune.penalties import group_l1_half
+from neuroprune.methods.penalties import group_l1_half
+from neuroprune.methods.steering import SparsityTarget, TargetController
 
 from tiny import tiny_model
 

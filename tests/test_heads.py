@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from neuroprune import NeuroPrune, NeuroPruneConfig, remap_optimizer
-from neuroprune.heads import find_dominating, redundant_groups, similarity_graph
+from neuroprune.methods.heads import find_dominating, redundant_groups, similarity_graph
 
 from tiny import DECODERS, FAMILIES, SEQ2SEQ, duplicate_group, main_output, tiny_inputs, tiny_model
 

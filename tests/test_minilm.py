@@ -28,7 +28,7 @@ import pytest
 import torch
 
 from neuroprune import NeuroPrune, NeuroPruneConfig
-from neuroprune.optim import remap_optimizer
+from neuroprune.model.optim import remap_optimizer
 
 SENTENCES = [
     ("the film was a delight from start to finish", 1),

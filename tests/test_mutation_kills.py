@@ -14,19 +14,19 @@ import torch
 from torch import nn
 
 from neuroprune import CheckpointError, CompactionRule, ConfigError, UnsupportedArchitectureError
-from neuroprune.architectures import AttentionLayout, Found, MLPLayout, discover
 from neuroprune.compaction import compact_attention, compact_mlp, neuron_constants
-from neuroprune.controller import (
+from neuroprune.methods.heads import group_distances, merge_into_mlp_input, prune_unit, similarity_graph
+from neuroprune.methods.steering import (
     SparsityTarget,
     TargetController,
     count_of,
     cubic_schedule,
     fraction,
 )
-from neuroprune.heads import group_distances, merge_into_mlp_input, prune_unit, similarity_graph
-from neuroprune.index import ModelIndex
-from neuroprune.sparsity import DegreeStats, LayerSparsity, SparsityReport, attention_sparsity, report
-from neuroprune.structure import (
+from neuroprune.model.architectures import AttentionLayout, Found, MLPLayout, discover
+from neuroprune.model.index import ModelIndex
+from neuroprune.model.sparsity import DegreeStats, LayerSparsity, SparsityReport, attention_sparsity, report
+from neuroprune.model.structure import (
     SharedGather,
     compaction_structure,
     drop_output_rows,
@@ -35,8 +35,8 @@ from neuroprune.structure import (
     kept_outputs,
     restore_compaction,
 )
-from neuroprune.surgery import head_rows, select_inputs, select_outputs, weight_matrix
-from neuroprune.units import AttentionUnit, MLPUnit
+from neuroprune.model.surgery import head_rows, select_inputs, select_outputs, weight_matrix
+from neuroprune.model.units import AttentionUnit, MLPUnit
 
 from tiny import duplicate_group, main_output, tiny_inputs, tiny_model
 
@@ -496,7 +496,7 @@ def test_gated_neurons_with_unknown_activation():
 
 
 def test_activation_is_looked_up_next_to_a_nested_expand_projection():
-    from neuroprune.architectures import activation_of
+    from neuroprune.model.architectures import activation_of
 
     m = nn.Module()
     m.inner = nn.Module()

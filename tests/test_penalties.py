@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from neuroprune import NeuroPrune, NeuroPruneConfig
-from neuroprune.penalties import (
+from neuroprune.methods.penalties import (
     attention_penalty,
     group_l1_half,
     mlp_penalty,

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from neuroprune import NeuroPrune, NeuroPruneConfig
+from neuroprune.analysis.report import build_report
+from neuroprune.analysis.runs import analyse_run
 from neuroprune.cli import main
 from neuroprune.errors import ReportError
-from neuroprune.report import build_report
-from neuroprune.report_runs import analyse_run
 
 from tiny import duplicate_group, tiny_model
 
@@ -139,7 +139,7 @@ def test_layer_option_and_errors(runs: tuple[Path, Path], tmp_path: Path, capsys
 
 
 def test_every_figure_is_labelled(runs: tuple[Path, Path]) -> None:
-    from neuroprune.report_figures import figure_specs
+    from neuroprune.analysis.figures import figure_specs
 
     analysed = [analyse_run(p, p.name, None, {}) for p in runs]
     for _section, title, caption, _file, draw in figure_specs(analysed):

@@ -13,8 +13,8 @@ import textdata
 from neuroprune import ModelIndex, load
 from neuroprune.errors import ConfigError
 from neuroprune.run_folder import RunDir
-from neuroprune.settings import TrainSettings
-from neuroprune.train import train_run
+from neuroprune.training.settings import TrainSettings
+from neuroprune.training.train import train_run
 
 from tiny import duplicate_group
 

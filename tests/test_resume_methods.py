@@ -19,8 +19,8 @@ from safetensors.torch import load_file
 import textdata
 from neuroprune import cli
 from neuroprune.errors import NeuroPruneError
-from neuroprune.settings import TrainSettings
-from neuroprune.train import train_run
+from neuroprune.training.settings import TrainSettings
+from neuroprune.training.train import train_run
 from sigkill import train_and_kill
 
 # 24 rows, batch 4: 6 steps an epoch, 3 epochs = 18 steps; checkpoints every 4 steps; the kill
@@ -109,7 +109,7 @@ def test_resume_with_another_method_is_refused(setup, tmp_path, capsys):
     from transformers import AutoModelForSequenceClassification, TrainingArguments
 
     from neuroprune import build_method
-    from neuroprune.trainer import NeuroPruneTrainer
+    from neuroprune.integrations.trainer import NeuroPruneTrainer
 
     model = AutoModelForSequenceClassification.from_pretrained(base["model"], num_labels=2)
     args = TrainingArguments(output_dir=str(tmp_path / "t"), report_to="none", use_cpu=True)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from neuroprune import NeuroPrune, NeuroPruneConfig
-from neuroprune.sparsity import DegreeStats
+from neuroprune.model.sparsity import DegreeStats
 
 from tiny import duplicate_group, tiny_model
 

@@ -13,9 +13,15 @@ from safetensors.torch import load_file
 
 import textdata
 from neuroprune import load
-from neuroprune.settings import TrainSettings
-from neuroprune.tasks import Task, classification_metrics, perplexity_metrics, seq2seq_metrics, token_nll
-from neuroprune.train import train_run
+from neuroprune.training.settings import TrainSettings
+from neuroprune.training.tasks import (
+    Task,
+    classification_metrics,
+    perplexity_metrics,
+    seq2seq_metrics,
+    token_nll,
+)
+from neuroprune.training.train import train_run
 
 
 def _run(tmp_path, family, files, **kw):

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from neuroprune import NeuroPrune, NeuroPruneConfig
-from neuroprune.plots import short_names
-from neuroprune.topology import (
+from neuroprune.analysis.plots import short_names
+from neuroprune.analysis.topology import (
     ccdf,
     graph_from_event,
     graph_from_weights,

@@ -16,7 +16,7 @@ from transformers import (
 
 import textdata
 from neuroprune import NeuroPrune, NeuroPruneConfig, SparsityMethod
-from neuroprune.trainer import NeuroPruneTrainer
+from neuroprune.integrations.trainer import NeuroPruneTrainer
 
 from tiny import duplicate_group, tiny_config
 

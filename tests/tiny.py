@@ -73,7 +73,7 @@ def duplicate_group(model: torch.nn.Module, unit, src: int, dst: int) -> None:
     """Make key/value group `dst` of an attention unit an exact copy of group `src` (its query
     heads' Q rows and its K and V rows), and, where heads also own a relative position bias
     (T5, MPNet), copy that bias column too, so the two groups compute the same function."""
-    from neuroprune.surgery import head_rows
+    from neuroprune.model.surgery import head_rows
 
     if unit.layout.fused == "interleaved":
         w = unit.qkv.weight.view(unit.num_heads, 3 * unit.head_dim, -1)

@@ -5,11 +5,10 @@ The public API, importable from here: the methods (`NeuroPrune` and the baseline
 `SparsityTarget`), the model index, compaction, save / load, the Trainer and the errors.
 """
 
-from .checkpoint import load
-from .compaction import CompactionRule, compact
-from .config import NeuroPruneConfig
-from .controller import SparsityTarget
-from .errors import (
+from neuroprune.checkpoint import load
+from neuroprune.compaction import CompactionRule, compact
+from neuroprune.config import NeuroPruneConfig
+from neuroprune.errors import (
     CheckpointError,
     ConfigError,
     DataError,
@@ -20,11 +19,12 @@ from .errors import (
     ReportError,
     UnsupportedArchitectureError,
 )
-from .index import ModelIndex
-from .methods import GMP, L1, METHODS, Dense, NeuroPrune, SparsityMethod, build_method, check_method
-from .modelload import resolve_model_path
-from .optim import remap_optimizer
-from .sparsity import SparsityReport
+from neuroprune.methods import GMP, L1, METHODS, Dense, NeuroPrune, SparsityMethod, build_method, check_method
+from neuroprune.methods.steering import SparsityTarget
+from neuroprune.model.index import ModelIndex
+from neuroprune.model.optim import remap_optimizer
+from neuroprune.model.packaged import resolve_model_path
+from neuroprune.model.sparsity import SparsityReport
 
 __version__ = "0.1.0"
 
@@ -41,7 +41,7 @@ def __getattr__(name: str):
     """The Trainer classes import `transformers.Trainer`, which is slow to import and not needed
     by a plain training loop: they load on first use."""
     if name in ("NeuroPruneTrainer", "NeuroPruneSeq2SeqTrainer"):
-        from . import trainer
+        from neuroprune.integrations import trainer
 
         return getattr(trainer, name)
     raise AttributeError(f"module 'neuroprune' has no attribute {name!r}")

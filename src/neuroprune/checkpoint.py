@@ -16,11 +16,11 @@ import transformers
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from .errors import CheckpointError
-from .files import atomic_dir, commit_dir, sha256
+from neuroprune.errors import CheckpointError
+from neuroprune.files import atomic_dir, commit_dir, sha256
 
 if TYPE_CHECKING:
-    from .index import ModelIndex
+    from neuroprune.model.index import ModelIndex
 
 STRUCTURE_FILE = "neuroprune.json"
 FORMAT_VERSION = 1
@@ -30,7 +30,7 @@ def save_pretrained(index: ModelIndex, directory: str | Path, tokenizer: Any = N
                     extra: dict[str, Any] | None = None) -> Path:
     """Save `index.model` with its structure to `directory` (atomically). `extra` adds keys to
     `neuroprune.json` (a method records its name and the config the user gave)."""
-    from . import __version__
+    from neuroprune import __version__
 
     target = Path(directory)
     tmp = atomic_dir(target)
@@ -84,7 +84,7 @@ def read_meta(directory: str | Path) -> dict[str, Any]:
 def saved_eps(meta: dict[str, Any]) -> float:
     """The eps the method that trained a saved model counted absent weights with (for reports of
     the loaded model: degrees and finalize use the same threshold as training did)."""
-    from .config import NeuroPruneConfig
+    from neuroprune.config import NeuroPruneConfig
 
     return float((meta.get("neuroprune_config") or {}).get("eps", NeuroPruneConfig.eps))
 
@@ -155,7 +155,7 @@ def load_into(index: ModelIndex, directory: str | Path, meta: dict[str, Any]) ->
 
 def from_pretrained(directory: str | Path, **model_kwargs: Any) -> ModelIndex:
     """Rebuild the model and its `ModelIndex` from a folder written by `save_pretrained`."""
-    from .index import ModelIndex
+    from neuroprune.model.index import ModelIndex
 
     meta = read_meta(directory)
     try:

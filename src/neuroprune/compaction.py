@@ -27,12 +27,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from .architectures import activation_of
-from .errors import ConfigError
-from .index import ModelIndex
-from .structure import add_bias, drop_output_rows, gather_block_inputs, kept_inputs, kept_outputs, projections
-from .surgery import weight_matrix
-from .units import AttentionUnit, MLPUnit
+from neuroprune.errors import ConfigError
+from neuroprune.model.architectures import activation_of
+from neuroprune.model.index import ModelIndex
+from neuroprune.model.structure import (
+    add_bias,
+    drop_output_rows,
+    gather_block_inputs,
+    kept_inputs,
+    kept_outputs,
+    projections,
+)
+from neuroprune.model.surgery import weight_matrix
+from neuroprune.model.units import AttentionUnit, MLPUnit
 
 
 @dataclass(frozen=True)

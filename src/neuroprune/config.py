@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from .errors import ConfigError
+from neuroprune.errors import ConfigError
 
 MergeMode = Literal["output", "mlp_input", "none"]
 MERGE_MODES: tuple[str, ...] = ("output", "mlp_input", "none")
@@ -49,10 +49,10 @@ class NeuroPruneConfig:
         exclude_modules: optional regex; blocks whose name matches are left alone.
         attention_layouts: extra attention layouts tried before the built-in registry, for an
             architecture the registry does not know. Each is a dict with the fields of
-            `neuroprune.architectures.AttentionLayout`, e.g.
+            `neuroprune.model.architectures.AttentionLayout`, e.g.
             ``{"q": "wq", "k": "wk", "v": "wv", "o": "wo"}``.
         mlp_layouts: extra MLP layouts, dicts with the fields of
-            `neuroprune.architectures.MLPLayout`, e.g. ``{"up": "w1", "down": "w2"}``.
+            `neuroprune.model.architectures.MLPLayout`, e.g. ``{"up": "w1", "down": "w2"}``.
     """
 
     alpha: float = 1e-4
@@ -92,7 +92,7 @@ class NeuroPruneConfig:
                 re.compile(pattern)
             except (re.error, TypeError) as err:
                 raise ConfigError(f"{name}={pattern!r} is not a valid regular expression: {err}.") from None
-        from .architectures import AttentionLayout, MLPLayout
+        from neuroprune.model.architectures import AttentionLayout, MLPLayout
 
         for name, cls in (("attention_layouts", AttentionLayout), ("mlp_layouts", MLPLayout)):
             if not isinstance(getattr(self, name), (list, tuple)):

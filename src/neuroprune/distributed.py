@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .errors import DistributedError
+from neuroprune.errors import DistributedError
 
 SHARDED_REFUSAL = (
     "NeuroPrune cannot train under {what}. Head removal changes parameter shapes in the middle of "

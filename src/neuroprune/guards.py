@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import NonFiniteError
-from .files import sha256, write_json
+from neuroprune.errors import NonFiniteError
+from neuroprune.files import sha256, write_json
 
 
 def _advice(step: int, last_good: str | Path | None) -> str:

@@ -25,10 +25,10 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..config import NeuroPruneConfig
-from ..index import ModelIndex
-from ..sparsity import SparsityReport
-from ..surgery import ParamChange
+from neuroprune.config import NeuroPruneConfig
+from neuroprune.model.index import ModelIndex
+from neuroprune.model.sparsity import SparsityReport
+from neuroprune.model.surgery import ParamChange
 
 
 class SparsityMethod:

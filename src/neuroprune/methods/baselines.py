@@ -16,13 +16,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import NeuroPruneConfig
-from ..controller import SparsityTarget, cubic_schedule
-from ..errors import ConfigError
-from ..index import ALL_KINDS, ModelIndex
-from ..surgery import ParamChange
-from .base import SparsityMethod
-from .penalty import Part, PenaltyMethod
+from neuroprune.config import NeuroPruneConfig
+from neuroprune.errors import ConfigError
+from neuroprune.methods.base import SparsityMethod
+from neuroprune.methods.penalty import Part, PenaltyMethod
+from neuroprune.methods.steering import SparsityTarget, cubic_schedule
+from neuroprune.model.index import ALL_KINDS, ModelIndex
+from neuroprune.model.surgery import ParamChange
 
 
 class Dense(SparsityMethod):

@@ -12,15 +12,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import distributed
-from ..config import NeuroPruneConfig
-from ..controller import SparsityTarget, cubic_schedule
-from ..errors import ConfigError, DistributedError, NeuroPruneError
-from ..heads import group_distances, prune_unit, redundant_groups, similarity_from_distances
-from ..index import ATTENTION_KINDS, MLP_KINDS, ModelIndex
-from ..penalties import attention_penalty, mlp_penalty, output_penalty
-from ..surgery import ParamChange
-from .penalty import Part, PenaltyMethod
+from neuroprune import distributed
+from neuroprune.config import NeuroPruneConfig
+from neuroprune.errors import ConfigError, DistributedError, NeuroPruneError
+from neuroprune.methods.heads import group_distances, prune_unit, redundant_groups, similarity_from_distances
+from neuroprune.methods.penalties import attention_penalty, mlp_penalty, output_penalty
+from neuroprune.methods.penalty import Part, PenaltyMethod
+from neuroprune.methods.steering import SparsityTarget, cubic_schedule
+from neuroprune.model.index import ATTENTION_KINDS, MLP_KINDS, ModelIndex
+from neuroprune.model.surgery import ParamChange
 
 # The head target is reached after this fraction of the sparsity ramp: zeros a head-pruning pass
 # adds cannot be taken back, so the penalties must still have room to make up for them.

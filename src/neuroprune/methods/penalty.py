@@ -12,12 +12,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import NeuroPruneConfig
-from ..controller import SparsityTarget, TargetController, count_of, fraction
-from ..errors import ConfigError
-from ..index import ModelIndex
-from ..surgery import ParamChange
-from .base import SparsityMethod
+from neuroprune.config import NeuroPruneConfig
+from neuroprune.errors import ConfigError
+from neuroprune.methods.base import SparsityMethod
+from neuroprune.methods.steering import SparsityTarget, TargetController, count_of, fraction
+from neuroprune.model.index import ModelIndex
+from neuroprune.model.surgery import ParamChange
 
 # A part this close below its share of the schedule holds: the limited step approaches the share
 # from below and would otherwise keep taking ever shorter steps without pausing.

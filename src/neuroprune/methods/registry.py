@@ -8,12 +8,12 @@ from typing import Any
 
 from torch import nn
 
-from ..config import NeuroPruneConfig
-from ..controller import SparsityTarget
-from ..errors import ConfigError
-from .base import SparsityMethod
-from .baselines import GMP, L1, Dense
-from .neuroprune import NeuroPrune
+from neuroprune.config import NeuroPruneConfig
+from neuroprune.errors import ConfigError
+from neuroprune.methods.base import SparsityMethod
+from neuroprune.methods.baselines import GMP, L1, Dense
+from neuroprune.methods.neuroprune import NeuroPrune
+from neuroprune.methods.steering import SparsityTarget
 
 REGISTRY: dict[str, type[SparsityMethod]] = {"neuroprune": NeuroPrune, "l1": L1, "gmp": GMP, "dense": Dense}
 METHODS: tuple[str, ...] = tuple(REGISTRY)

@@ -1,0 +1,186 @@
+"""`ModelIndex`: what every sparse-training method, the checkpoint code and compaction need to know
+about one model, and nothing of any algorithm.
+
+It finds the attention blocks and MLPs (`architectures.discover`), remembers their original
+shapes, enumerates the counted matrices (method.md section 5) in one place, keeps the structure
+that differs from the dense config (heads kept, compacted widths, the head-removal history) so a
+checkpoint can be re-applied, and measures sparsity. Methods (`neuroprune.methods`) hold an index;
+saving, loading and compaction need only the index.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from neuroprune.errors import NeuroPruneError
+from neuroprune.model.architectures import discover
+from neuroprune.model.sparsity import SparsityReport, report
+from neuroprune.model.structure import compaction_structure, restore_compaction
+from neuroprune.model.surgery import weight_matrix
+from neuroprune.model.units import AttentionUnit, MLPUnit
+
+ATTENTION_KINDS = frozenset({"q", "k", "v", "qkv"})
+MLP_KINDS = frozenset({"up", "gate", "down"})
+ALL_KINDS = ATTENTION_KINDS | MLP_KINDS | {"o"}
+DISCOVERY_FIELDS = ("attention_layouts", "mlp_layouts", "attention_modules", "mlp_modules", "exclude_modules")
+
+
+class ModelIndex:
+    """The blocks of `model` seen through the canonical unit lens.
+
+    `discovery` holds the options of `architectures.discover` (extra layouts, name filters); any
+    object with those attributes works, e.g. a `NeuroPruneConfig`.
+    """
+
+    def __init__(self, model: nn.Module, discovery: Any = None) -> None:
+        if not isinstance(model, nn.Module):
+            raise NeuroPruneError(f"expected a torch.nn.Module, got {type(model).__name__}.")
+        self.model = model
+        self.discovery = _discovery_dict(discovery)
+        found_attention, found_mlps = discover(model, **self.discovery)
+        model_config = getattr(model, "config", None)
+        self.attention: list[AttentionUnit] = [AttentionUnit(f, model_config) for f in found_attention]
+        self.mlps: list[MLPUnit] = [MLPUnit(f) for f in found_mlps]
+        self.original_parameters = sum(p.numel() for p in model.parameters())
+        self.passes = 0  # head-pruning passes done so far
+        self.history: list[dict[str, Any]] = []  # one dict per block per pass that removed heads
+        self.layer_mlp = {u.name: same_layer(u.name, self.mlps) for u in self.attention}
+
+    # --- the counted matrices (method.md section 5), enumerated here and nowhere else -------------
+    def counted_modules(self, kinds: frozenset[str] | set[str] | None = None) -> list[tuple[str, nn.Module]]:
+        """(kind, module) of every counted projection, current objects (surgery replaces them)."""
+        out: list[tuple[str, nn.Module]] = []
+        for unit in self.attention:
+            if unit.qkv is not None:
+                out.append(("qkv", unit.qkv))
+            else:
+                out += [("q", unit.q), ("k", unit.k), ("v", unit.v)]
+            out.append(("o", unit.o))
+        for mlp in self.mlps:
+            out += [("gate", mlp.gate), ("up", mlp.up), ("down", mlp.down)]
+        return [(k, m) for k, m in out if m is not None and (kinds is None or k in kinds)]
+
+    def counted_weights(self, kinds: frozenset[str] | set[str] | None = None) -> list[nn.Parameter]:
+        """The weight parameters behind the counted matrices of `kinds` (all when None)."""
+        return [m.weight for _, m in self.counted_modules(kinds)]
+
+    def counted_matrices(self, kinds: frozenset[str] | set[str] | None = None) -> list[torch.Tensor]:
+        """The counted matrices of `kinds` as live `(out, in)` views."""
+        return [weight_matrix(m) for _, m in self.counted_modules(kinds)]
+
+    @torch.no_grad()
+    def near_zero_by_kind(self, eps: float, finalized: frozenset[str] | set[str] | None = None
+                          ) -> dict[str, tuple[int, int]]:
+        """(zeros after `finalize(eps, finalized)`, dense entries) per matrix kind over all
+        blocks, against the dense shapes: removed entries, plus |w| < eps in the kinds
+        `finalized` (all when None) and exact zeros in the others."""
+        counts: dict[str, tuple[int, int]] = {}
+        for unit in [*self.attention, *self.mlps]:
+            for key, mat in unit.matrices().items():
+                dense = unit.original_numel[key]
+                small = mat.abs() < eps if finalized is None or key in finalized else mat == 0
+                zeros, total = counts.get(key, (0, 0))
+                counts[key] = (zeros + dense - mat.numel() + int(small.sum()), total + dense)
+        return counts
+
+    @torch.no_grad()
+    def finalize(self, eps: float, kinds: frozenset[str] | set[str] | None = None) -> int:
+        """Set every |w| < eps of the counted matrices of `kinds` (all when None) to exactly 0;
+        returns how many entries changed."""
+        changed = 0
+        for mat in self.counted_matrices(kinds):
+            small = (mat.abs() < eps) & (mat != 0)
+            changed += int(small.sum())
+            mat.masked_fill_(small, 0.0)
+        return changed
+
+    def report(self, eps: float) -> SparsityReport:
+        """Exact zeros against the dense shapes, heads kept, neuron degrees (at `eps`)."""
+        return report(self.model, self.attention, self.mlps, eps, self.original_parameters)
+
+    # --- structure -----------------------------------------------------------------------------
+    def record_pass(self, events: list[dict[str, Any]]) -> None:
+        """Note one head-pruning pass (its per-block events) in the history."""
+        self.history += [{"pass": self.passes, **e} for e in events]
+        self.passes += 1
+
+    def head_structure(self) -> dict[str, list[int]]:
+        """Original indices of the key/value groups each block still has."""
+        return {u.name: list(u.kept_groups) for u in self.attention}
+
+    def restore_head_structure(self, structure: dict[str, list[int]]) -> None:
+        """Remove, without merging, the groups a saved structure no longer has, so that a
+        checkpoint's weights fit (resume, reload)."""
+        units = {u.name: u for u in self.attention}
+        unknown = sorted(set(structure) - set(units))
+        if unknown:
+            raise NeuroPruneError(
+                f"the saved head structure names attention blocks this model does not have: "
+                f"{unknown[:5]}; was it saved from a different model?"
+            )
+        for name, kept in structure.items():
+            unit = units[name]
+            missing = sorted(set(kept) - set(unit.kept_groups))
+            if missing:
+                raise NeuroPruneError(f"{name}: saved structure keeps groups {missing} already removed.")
+            keep = [p for p, g in enumerate(unit.kept_groups) if g in set(kept)]
+            if len(keep) != unit.num_kv_heads:
+                unit.keep_groups(keep)
+
+    def structure(self) -> dict[str, Any]:
+        """Everything that differs from the dense config's shapes, plus the head-pruning history."""
+        return {"heads": self.head_structure(), "passes": self.passes, "history": self.history,
+                **compaction_structure(self)}
+
+    def restore_structure(self, structure: dict[str, Any]) -> None:
+        """Re-apply a saved `structure()` to a dense model of the same config."""
+        self.restore_head_structure(structure.get("heads", {}))
+        restore_compaction(self, structure)
+        self.passes = structure.get("passes", 0)
+        self.history = list(structure.get("history", []))
+
+    # --- persistence ---------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | Path, tokenizer: Any = None,
+                        extra: dict[str, Any] | None = None) -> Path:
+        """Save the model with its structure to `directory` (atomically); `neuroprune.load`
+        reads it back."""
+        from neuroprune import checkpoint
+
+        return checkpoint.save_pretrained(self, directory, tokenizer, extra)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, **model_kwargs: Any) -> ModelIndex:
+        """Rebuild a model saved with `save_pretrained`, structure and weights."""
+        from neuroprune import checkpoint
+
+        return checkpoint.from_pretrained(directory, **model_kwargs)
+
+
+def _discovery_dict(discovery: Any) -> dict[str, Any]:
+    if discovery is None:
+        return {"attention_layouts": [], "mlp_layouts": [], "attention_modules": None,
+                "mlp_modules": None, "exclude_modules": None}
+    get = discovery.get if isinstance(discovery, dict) else lambda k, d=None: getattr(discovery, k, d)
+    out = {k: get(k, None) for k in DISCOVERY_FIELDS}
+    for key in ("attention_layouts", "mlp_layouts"):
+        out[key] = [dict(layout) for layout in (out[key] or [])]
+    return out
+
+
+def same_layer(name: str, mlps: list[MLPUnit]) -> MLPUnit | None:
+    """The MLP sharing the longest dotted prefix with an attention block: its layer's MLP."""
+    parts = name.split(".")
+
+    def shared(mlp: MLPUnit) -> int:
+        n = 0
+        for a, b in zip(parts, mlp.name.split(".")):
+            if a != b:
+                break
+            n += 1
+        return n
+
+    return max(mlps, key=shared, default=None)
