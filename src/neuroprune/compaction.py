@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from neuroprune.errors import ConfigError
+from neuroprune.model import flops
 from neuroprune.model.architectures import activation_of
 from neuroprune.model.index import ModelIndex
 from neuroprune.model.structure import (
@@ -38,7 +39,7 @@ from neuroprune.model.structure import (
     kept_outputs,
     projections,
 )
-from neuroprune.model.surgery import weight_matrix
+from neuroprune.model.surgery import head_rows, in_features, out_features, weight_matrix
 from neuroprune.model.units import AttentionUnit, MLPUnit
 
 
@@ -112,23 +113,128 @@ def dead_groups(unit: AttentionUnit) -> list[int]:
     return [g for g in range(unit.num_kv_heads) if not o[:, unit.query_rows([g])].ne(0).any()]
 
 
-# --- the whole model --------------------------------------------------------------------------
+# --- the plan: what compact would remove, without removing it ---------------------------------
+
+@dataclass
+class AttentionPlan:
+    """What `compact` does to one attention block: the key/value groups it keeps (current
+    positions; None: all) and the current input positions its q/k/v projections keep reading
+    (None: no gather)."""
+
+    unit: AttentionUnit
+    keep_groups: list[int] | None
+    keep_inputs: list[int] | None
+
+
+@dataclass
+class MLPPlan:
+    """What `compact` does to one MLP: the neurons it removes (bool per current neuron), the
+    constants they fold into the contract bias, whether that needs a new bias, and the current
+    contract rows it keeps computing (None: all)."""
+
+    unit: MLPUnit
+    removable: torch.Tensor
+    constant: torch.Tensor
+    adds_bias: bool
+    keep_rows: list[int] | None
+
+    @property
+    def keep_neurons(self) -> list[int]:
+        return (~self.removable).nonzero().flatten().tolist()
+
 
 @torch.no_grad()
-def compact_attention(unit: AttentionUnit, rule: CompactionRule) -> None:
+def plan_attention(unit: AttentionUnit, rule: CompactionRule) -> AttentionPlan:
+    """Dead groups (all their query heads' output-projection columns zero), then the input
+    dimensions that are zero in every q/k/v row of the groups that stay."""
     dead = dead_groups(unit)
-    if dead:
-        keep = [g for g in range(unit.num_kv_heads) if g not in dead] or [0]
-        if len(keep) < unit.num_kv_heads:
-            unit.keep_groups(keep)
-    alive = unit.input_l1().detach().ne(0)
+    keep = [g for g in range(unit.num_kv_heads) if g not in dead] or [0]
+    q, k, v = (m.detach() for m in unit.qkv_matrices())
+    kv_rows = head_rows(keep, unit.head_dim)
+    alive = q[unit.query_rows(keep)].ne(0).any(0) | k[kv_rows].ne(0).any(0) | v[kv_rows].ne(0).any(0)
     width = alive.numel()
     if int(alive.sum()) == 0:
         alive[0] = True  # keep one (zero) column rather than a zero-width matmul
+    inputs = None
     if 1 - int(alive.sum()) / width >= rule.min_input_fraction and not bool(alive.all()):
-        current = kept_inputs(projections(unit)[0]) or list(range(width))
-        keep = [current[p] for p in alive.nonzero().flatten().tolist()]
-        gather_block_inputs(unit, keep)
+        inputs = alive.nonzero().flatten().tolist()
+    return AttentionPlan(unit, keep if len(keep) < unit.num_kv_heads else None, inputs)
+
+
+@torch.no_grad()
+def plan_mlp(unit: MLPUnit, rule: CompactionRule) -> MLPPlan:
+    """Removable neurons (rounded to `rule.multiple_of` kept), then the contract rows that are
+    zero over the neurons that stay."""
+    removable, constant = neuron_constants(unit)
+    removable = _round_up_kept(removable, rule.multiple_of)
+    down = weight_matrix(unit.down).detach()
+    adds_bias = False
+    if bool(removable.any()):
+        contribution = down[:, removable] @ constant[removable].to(down.dtype)
+        adds_bias = unit.down.bias is None and bool(contribution.ne(0).any())
+    rows_alive = ~_round_up_kept(~down[:, ~removable].ne(0).any(1), rule.multiple_of)
+    rows = None
+    if 1 - int(rows_alive.sum()) / rows_alive.numel() >= rule.min_row_fraction and not bool(rows_alive.all()):
+        rows = rows_alive.nonzero().flatten().tolist()
+    return MLPPlan(unit, removable, constant, adds_bias, rows)
+
+
+@dataclass
+class CompactionPlan:
+    """What `compact(index, rule=rule)` would remove from every block, decided by the same
+    functions it uses (`neuroprune.model.flops` counts FLOPs and parameters from it)."""
+
+    attention: list[AttentionPlan]
+    mlps: list[MLPPlan]
+
+
+def plan(index: ModelIndex, rule: CompactionRule | None = None) -> CompactionPlan:
+    """The compaction plan of every block of `index`, without changing the model."""
+    rule = rule or CompactionRule()
+    return CompactionPlan([plan_attention(u, rule) for u in index.attention],
+                          [plan_mlp(u, rule) for u in index.mlps])
+
+
+def flop_count(model_or_index: nn.Module | ModelIndex | Any, seq_len: int = flops.DEFAULT_SEQ_LEN,
+               rule: CompactionRule | None = None, config: Any = None) -> flops.FlopCount:
+    """Block FLOPs (attention + MLP at `seq_len`, dense and compacted, `fraction`) and parameters
+    (whole model, dense and compacted) of the model as `compact(..., rule=rule)` would leave it;
+    the model is not changed. Accepts what `compact` accepts."""
+    index = _index_of(model_or_index, config)
+    return flops.count(index, plan(index, rule), seq_len)
+
+
+# --- carrying the plan out --------------------------------------------------------------------
+
+@torch.no_grad()
+def apply_attention_plan(p: AttentionPlan) -> None:
+    unit = p.unit
+    if p.keep_groups is not None:
+        unit.keep_groups(p.keep_groups)
+    if p.keep_inputs is not None:
+        current = kept_inputs(projections(unit)[0]) or list(range(in_features(projections(unit)[0])))
+        gather_block_inputs(unit, [current[i] for i in p.keep_inputs])
+
+
+@torch.no_grad()
+def apply_mlp_plan(p: MLPPlan) -> None:
+    unit, removable, constant = p.unit, p.removable, p.constant
+    if bool(removable.any()):
+        down = weight_matrix(unit.down)
+        contribution = down[:, removable] @ constant[removable].to(down.dtype)
+        if bool(contribution.ne(0).any()):
+            if unit.down.bias is None:
+                add_bias(unit.down)
+                unit.added_contract_bias = True
+            unit.down.bias += contribution
+        unit.keep_neurons(p.keep_neurons)
+    if p.keep_rows is not None:
+        current = kept_outputs(unit.down) or list(range(out_features(unit.down)))
+        drop_output_rows(unit.down, [current[r] for r in p.keep_rows])
+
+
+def compact_attention(unit: AttentionUnit, rule: CompactionRule) -> None:
+    apply_attention_plan(plan_attention(unit, rule))
 
 
 def _round_up_kept(removable: torch.Tensor, multiple: int) -> torch.Tensor:
@@ -141,23 +247,17 @@ def _round_up_kept(removable: torch.Tensor, multiple: int) -> torch.Tensor:
     return removable
 
 
-@torch.no_grad()
 def compact_mlp(unit: MLPUnit, rule: CompactionRule) -> None:
-    removable, constant = neuron_constants(unit)
-    removable = _round_up_kept(removable, rule.multiple_of)
-    if bool(removable.any()):
-        down = weight_matrix(unit.down)
-        contribution = down[:, removable] @ constant[removable].to(down.dtype)
-        if bool(contribution.ne(0).any()):
-            if unit.down.bias is None:
-                add_bias(unit.down)
-                unit.added_contract_bias = True
-            unit.down.bias += contribution
-        unit.keep_neurons((~removable).nonzero().flatten().tolist())
-    rows_alive = ~_round_up_kept(~weight_matrix(unit.down).detach().ne(0).any(1), rule.multiple_of)
-    if 1 - int(rows_alive.sum()) / rows_alive.numel() >= rule.min_row_fraction and not bool(rows_alive.all()):
-        current = kept_outputs(unit.down) or list(range(rows_alive.numel()))
-        drop_output_rows(unit.down, [current[p] for p in rows_alive.nonzero().flatten().tolist()])
+    apply_mlp_plan(plan_mlp(unit, rule))
+
+
+def _index_of(model_or_index: nn.Module | ModelIndex | Any, config: Any) -> ModelIndex:
+    index = model_or_index
+    if isinstance(getattr(index, "index", None), ModelIndex):  # a method: its index
+        index = index.index
+    if not isinstance(index, ModelIndex):
+        index = ModelIndex(model_or_index, config)
+    return index
 
 
 def compact(
@@ -172,11 +272,7 @@ def compact(
     `NeuroPruneConfig`). Returns the `ModelIndex` whose `model` is now compacted; save it with
     `save_pretrained` and reload with `neuroprune.load`. Only exact zeros count: finalize first.
     """
-    index = model_or_index
-    if isinstance(getattr(index, "index", None), ModelIndex):  # a method: its index
-        index = index.index
-    if not isinstance(index, ModelIndex):
-        index = ModelIndex(model_or_index, config)
+    index = _index_of(model_or_index, config)
     rule = rule or CompactionRule()
     for unit in index.attention:
         compact_attention(unit, rule)
