@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import textdata
-from neuroprune import GMP, ConfigError, NeuroPruneConfig, SparsityTarget
+from neuroprune import GMP, ConfigError, GMPConfig, NeuroPruneConfig, SparsityTarget
 from neuroprune.cli import main
 from neuroprune.methods import METHODS, build_method, magnitude_mask, proximal_step
 
@@ -73,7 +73,7 @@ def test_gmp_schedule_is_cubic():
 
 def test_gmp_masks_stay_zero_through_optimizer_steps():
     model = tiny_model("llama")
-    method = build_method("gmp", model, target_sparsity=0.7, interval=2)
+    method = build_method("gmp", model, GMPConfig(interval=2), target_sparsity=0.7)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     inputs = tiny_inputs("llama")
     total = 12

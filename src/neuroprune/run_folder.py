@@ -23,12 +23,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from neuroprune import __version__
-from neuroprune.checkpoint import STRUCTURE_FILE
 from neuroprune.distributed import is_main_process
 from neuroprune.errors import CheckpointError, NeuroPruneError
 from neuroprune.files import write_json
 from neuroprune.guards import newest_good_checkpoint
+from neuroprune.model.checkpoint import STRUCTURE_FILE
+from neuroprune.version import __version__
 
 SETTINGS_FILE = "run_config.json"
 VERSIONS_FILE = "versions.json"

@@ -8,9 +8,9 @@ import html
 import re
 from typing import Any
 
-from neuroprune import __version__
 from neuroprune.analysis.figures import FigureEntry, slug
 from neuroprune.analysis.runs import RunAnalysis
+from neuroprune.version import __version__
 
 # the page's whole style sheet, inlined so that the page is one file
 CSS = """
@@ -63,7 +63,8 @@ def _summary(runs: list[RunAnalysis], stats: list[dict[str, Any]]) -> str:
         deg = s["neuron_degree"]["pooled"] or {}
         rows.append([
             run.name, s["model"] or "", f"{run.sparsity.sparsity:.2%}", f"{run.sparsity.model_sparsity:.2%}",
-            f"{run.sparsity.heads_kept}/{run.sparsity.heads_total}", cfg.alpha, cfg.beta, cfg.theta,
+            f"{run.sparsity.heads_kept}/{run.sparsity.heads_total}",
+            *(getattr(cfg, k, "") for k in ("alpha", "beta", "theta")),  # what the run's method has
             f"{deg.get('sd_percent', 0):.2f}", deg.get("dead", ""),
             *(_fmt(s["final_metrics"].get(k)) for k in metric_keys),
         ])

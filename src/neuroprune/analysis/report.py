@@ -8,13 +8,13 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from neuroprune import __version__
 from neuroprune.analysis.figures import render_figures
 from neuroprune.analysis.html import render_html
 from neuroprune.analysis.runs import DenseReference, analyse_run, run_names
 from neuroprune.analysis.stats import plain, run_stats
 from neuroprune.errors import ReportError
 from neuroprune.files import write_bytes, write_json
+from neuroprune.version import __version__
 
 
 def build_report(run_dirs: list[str | Path], output: str | Path | None = None,

@@ -29,9 +29,10 @@ from neuroprune.analysis.topology import (
     pooled_stats,
     removed_heads,
 )
-from neuroprune.checkpoint import from_pretrained, read_meta
-from neuroprune.config import NeuroPruneConfig
+from neuroprune.config import MethodConfig, NeuroPruneConfig
 from neuroprune.errors import NeuroPruneError, ReportError
+from neuroprune.methods.registry import saved_config
+from neuroprune.model.checkpoint import read_meta
 from neuroprune.model.index import ModelIndex
 from neuroprune.model.packaged import resolve_model_path
 from neuroprune.model.sparsity import SparsityReport
@@ -65,7 +66,7 @@ class RunAnalysis:
     run_config: dict[str, Any]
     metrics: list[dict[str, Any]]
     index: ModelIndex
-    config: NeuroPruneConfig  # the config the run was trained with (its eps and theta)
+    config: MethodConfig  # the config the run was trained with (its method's class: eps, theta, ...)
     sparsity: SparsityReport
     degrees: list[LayerDegrees]
     heavy_tail: HeavyTailTest
@@ -105,7 +106,7 @@ def model_name(run_config: dict[str, Any]) -> str | None:
     return next((str(run_config[k]) for k in MODEL_KEYS if run_config.get(k)), None)
 
 
-def dense_reference(run_config: dict[str, Any], config: NeuroPruneConfig, mlp_names: list[str],
+def dense_reference(run_config: dict[str, Any], config: MethodConfig, mlp_names: list[str],
                     cache: dict[str, DenseReference]) -> DenseReference:
     """Neuron degrees of the starting model named in run_config.json, matched to the run's MLP
     blocks by name suffix (the run may wrap the base model, e.g. `bert.encoder...`)."""
@@ -159,8 +160,9 @@ def analyse_run(path: str | Path, name: str, layer: str | None,
         )
     run_config = run_dir.settings()
     metrics = run_dir.metrics()
-    index = from_pretrained(run_dir.model)
-    cfg = NeuroPruneConfig.from_dict(read_meta(run_dir.model).get("neuroprune_config") or {})
+    index = ModelIndex.from_pretrained(run_dir.model)
+    cfg = saved_config(read_meta(run_dir.model))
+    theta = getattr(cfg, "theta", NeuroPruneConfig.theta)  # other methods: similarity at the default
     degrees = mlp_degrees(index.mlps, cfg.eps)
     removed = removed_heads(index.attention)
     unit = pick_layer(index.attention, layer, removed)
@@ -180,7 +182,7 @@ def analyse_run(path: str | Path, name: str, layer: str | None,
             for d in tqdm(degrees, desc=f"heavy-tail fits of {name}", unit="layer", leave=False)
         },
         removed=removed,
-        graph=layer_graph(index.history, unit, cfg.theta) if unit is not None else None,
+        graph=layer_graph(index.history, unit, theta) if unit is not None else None,
         importance=head_importance(index.history, index.attention),
         dense=dense_reference(run_config, cfg, [d.name for d in degrees], cache),
     )

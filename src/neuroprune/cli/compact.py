@@ -47,9 +47,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from neuroprune.checkpoint import from_pretrained, read_meta, save_pretrained, saved_eps
     from neuroprune.compaction import CompactionRule, compact
     from neuroprune.errors import NeuroPruneError
+    from neuroprune.methods.registry import saved_config
+    from neuroprune.model.checkpoint import read_meta
+    from neuroprune.model.index import ModelIndex
     from neuroprune.run_folder import RunDir
 
     run_dir = RunDir(args.run_dir)
@@ -59,9 +61,9 @@ def run(args: argparse.Namespace) -> int:
                   "multiple_of": args.multiple_of}
     rule = CompactionRule(**{k: v for k, v in thresholds.items() if v is not None})
     meta = read_meta(source)
-    index = from_pretrained(source)
+    index = ModelIndex.from_pretrained(source)
     if args.finalize:
-        index.finalize(saved_eps(meta))
+        index.finalize(saved_config(meta).eps)
     model = index.model
     dense = None if args.no_verify else copy.deepcopy(model)
     before = sum(p.numel() for p in model.parameters())
@@ -84,8 +86,8 @@ def run(args: argparse.Namespace) -> int:
     structure = index.structure()
     for key in ("mlp_neurons", "attention_inputs"):
         summary[f"{key}_kept"] = sum(len(v) for v in structure.get(key, {}).values())
-    provenance = {k: meta[k] for k in ("method", "neuroprune_config") if k in meta}
-    save_pretrained(index, target, _tokenizer(source), extra={**provenance, "compaction": summary})
+    provenance = {k: meta[k] for k in ("method", "method_config", "neuroprune_config") if k in meta}
+    index.save_pretrained(target, _tokenizer(source), extra={**provenance, "compaction": summary})
     print(f"compacted model saved to {target}: {before:,} -> {after:,} parameters ({after / before:.1%})"
           + (f", outputs within {summary['max_abs_diff']:.1e}" if "max_abs_diff" in summary else ""))
     return 0

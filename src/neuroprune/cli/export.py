@@ -25,8 +25,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from neuroprune.checkpoint import load
     from neuroprune.integrations.export import export_onnx
+    from neuroprune.model.index import load
     from neuroprune.run_folder import RunDir
 
     folder = RunDir(args.model).deployable_model_dir()

@@ -25,7 +25,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from neuroprune.config import NeuroPruneConfig
+from neuroprune.config import MethodConfig
+from neuroprune.errors import ConfigError
 from neuroprune.model.index import ModelIndex
 from neuroprune.model.sparsity import SparsityReport
 from neuroprune.model.surgery import ParamChange
@@ -37,12 +38,20 @@ class SparsityMethod:
     keep its optimiser in step (`neuroprune.remap_optimizer`)."""
 
     name: ClassVar[str] = "dense"
+    # the method's config dataclass (peft-style, one per method); a saved config is read back with it
+    config_class: ClassVar[type[MethodConfig]] = MethodConfig
     # matrix kinds `finalize()` zeroes below eps at the end of training (None: none; the method
     # makes exact zeros itself or none at all)
     finalize_kinds: ClassVar[frozenset[str] | None] = None
 
-    def __init__(self, model: nn.Module | ModelIndex, config: NeuroPruneConfig | None = None) -> None:
-        self.config = config or NeuroPruneConfig()
+    def __init__(self, model: nn.Module | ModelIndex, config: MethodConfig | None = None) -> None:
+        config = self.config_class() if config is None else config
+        if not isinstance(config, self.config_class):
+            raise ConfigError(
+                f"{type(self).__name__} takes a {self.config_class.__name__}, got a {type(config).__name__}; "
+                f"build it as {self.config_class.__name__}(...) or use build_method({self.name!r}, ...)."
+            )
+        self.config = config
         self.index = model if isinstance(model, ModelIndex) else ModelIndex(model, self.config)
         self.model = self.index.model
         self.target: Any = None  # the method's target settings, if it has one
@@ -128,5 +137,5 @@ class SparsityMethod:
     def save_pretrained(self, directory: str | Path, tokenizer: Any = None) -> Path:
         """Save the model with its structure (atomically); `neuroprune.load` reads it back."""
         return self.index.save_pretrained(
-            directory, tokenizer, extra={"method": self.name, "neuroprune_config": self.config.to_dict()}
+            directory, tokenizer, extra={"method": self.name, "method_config": self.config.to_dict()}
         )

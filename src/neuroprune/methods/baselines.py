@@ -11,12 +11,13 @@ compaction numbers are comparable:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from neuroprune.config import NeuroPruneConfig
+from neuroprune.config import MethodConfig, check_number
 from neuroprune.errors import ConfigError
 from neuroprune.methods.base import SparsityMethod
 from neuroprune.methods.penalty import Part, PenaltyMethod
@@ -25,16 +26,58 @@ from neuroprune.model.index import ALL_KINDS, ModelIndex
 from neuroprune.model.surgery import ParamChange
 
 
+@dataclass(frozen=True, kw_only=True)
+class DenseConfig(MethodConfig):
+    """Dense fine-tuning has no hyper-parameter of its own: only the options every method shares
+    (`eps`, below which its reports count a weight as absent, and the discovery options)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class L1Config(MethodConfig):
+    """Plain l1 (the shared options of `MethodConfig` plus):
+
+    Attributes:
+        alpha: weight of sum |w| over every counted matrix; the controller scales it when a target
+            sparsity is given. 0 switches the penalty off.
+    """
+
+    alpha: float = 1e-4
+
+    def validate(self) -> None:
+        super().validate()
+        check_number("alpha", self.alpha, lower=0.0, inclusive=True)
+
+
+@dataclass(frozen=True, kw_only=True)
+class GMPConfig(MethodConfig):
+    """Gradual magnitude pruning (the shared options of `MethodConfig` plus; the sparsity to
+    reach and its schedule are the method's `SparsityTarget`):
+
+    Attributes:
+        interval: steps between two mask updates inside the schedule's ramp (Zhu & Gupta's
+            pruning frequency); the last step always updates, so the run ends at the target.
+    """
+
+    interval: int = 10
+
+    def validate(self) -> None:
+        super().validate()
+        if isinstance(self.interval, bool) or not isinstance(self.interval, int) or self.interval < 1:
+            raise ConfigError(f"GMP interval must be a whole number >= 1, got {self.interval!r}.")
+
+
 class Dense(SparsityMethod):
     """Plain fine-tuning: no penalty, nothing finalised (a dense model stays dense)."""
 
     name = "dense"
+    config_class = DenseConfig
 
 
 class L1(PenaltyMethod):
     """Plain l1, alpha * sum |w|, on every counted matrix (W^O included)."""
 
     name = "l1"
+    config_class = L1Config
 
     def define_parts(self) -> list[Part]:
         return [Part("all", "alpha", ALL_KINDS)]
@@ -66,16 +109,16 @@ class GMP(SparsityMethod):
     """
 
     name = "gmp"
+    config_class = GMPConfig
+    config: GMPConfig
 
-    def __init__(self, model: nn.Module | ModelIndex, config: NeuroPruneConfig | None = None,
-                 target: SparsityTarget | float | None = None, interval: int = 10) -> None:
+    def __init__(self, model: nn.Module | ModelIndex, config: GMPConfig | None = None,
+                 target: SparsityTarget | float | None = None) -> None:
         super().__init__(model, config)
         if target is None:
             raise ConfigError("GMP needs a target sparsity (the sparsity to prune to).")
         self.target = target if isinstance(target, SparsityTarget) else SparsityTarget(target)
-        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
-            raise ConfigError(f"GMP interval must be a whole number >= 1, got {interval!r}.")
-        self.interval = interval
+        self.interval = self.config.interval
         self.current = 0.0
         self.masks: list[torch.Tensor] | None = None
 

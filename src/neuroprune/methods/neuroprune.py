@@ -46,6 +46,8 @@ class NeuroPrune(PenaltyMethod):
     """
 
     name = "neuroprune"
+    config_class = NeuroPruneConfig
+    config: NeuroPruneConfig
 
     def __init__(self, model: nn.Module | ModelIndex, config: NeuroPruneConfig | None = None,
                  target: SparsityTarget | None = None, prune_every_steps: int = 0,

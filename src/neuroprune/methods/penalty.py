@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from neuroprune.config import NeuroPruneConfig
+from neuroprune.config import MethodConfig
 from neuroprune.errors import ConfigError
 from neuroprune.methods.base import SparsityMethod
 from neuroprune.methods.steering import SparsityTarget, TargetController, count_of, fraction
@@ -55,11 +55,12 @@ class PenaltyMethod(SparsityMethod):
     controllers' scales), the controllers, and the counts measured at the last step.
     """
 
-    def __init__(self, model: nn.Module | ModelIndex, config: NeuroPruneConfig | None = None,
+    def __init__(self, model: nn.Module | ModelIndex, config: MethodConfig | None = None,
                  target: SparsityTarget | None = None, proximal: bool | None = None) -> None:
         super().__init__(model, config)
         self.target = target
-        self.base = {"alpha": self.config.alpha, "beta": self.config.beta}
+        # the user's penalty weights; a weight the method's config lacks (l1 has no beta) is off
+        self.base = {w: getattr(self.config, w, 0.0) for w in ("alpha", "beta")}
         self.weights = dict(self.base)
         self.parts = [p for p in self.define_parts() if self.base[p.weight] > 0]
         if target is not None and not self.parts:

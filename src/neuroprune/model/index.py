@@ -1,11 +1,12 @@
 """`ModelIndex`: what every sparse-training method, the checkpoint code and compaction need to know
 about one model, and nothing of any algorithm.
 
-It finds the attention blocks and MLPs (`architectures.discover`), remembers their original
-shapes, enumerates the counted matrices (method.md section 5) in one place, keeps the structure
-that differs from the dense config (heads kept, compacted widths, the head-removal history) so a
-checkpoint can be re-applied, and measures sparsity. Methods (`neuroprune.methods`) hold an index;
-saving, loading and compaction need only the index.
+It finds the attention blocks and MLPs (`architectures.discover`), remembers their original shapes,
+lists the counted matrices (method.md section 5) of all blocks (each unit names its own in
+`counted_modules()`), keeps the structure that differs from the dense config (heads kept, compacted
+widths, the head-removal history) so a checkpoint can be re-applied, measures sparsity, and saves /
+loads itself (on the folder format of `model.checkpoint`). Methods (`neuroprune.methods`) hold an
+index; saving, loading and compaction need only the index.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 
 from neuroprune.errors import NeuroPruneError
+from neuroprune.model import checkpoint
 from neuroprune.model.architectures import discover
 from neuroprune.model.sparsity import SparsityReport, report
 from neuroprune.model.structure import compaction_structure, restore_compaction
@@ -50,19 +52,12 @@ class ModelIndex:
         self.history: list[dict[str, Any]] = []  # one dict per block per pass that removed heads
         self.layer_mlp = {u.name: same_layer(u.name, self.mlps) for u in self.attention}
 
-    # --- the counted matrices (method.md section 5), enumerated here and nowhere else -------------
+    # --- the counted matrices (method.md section 5): each unit's `counted_modules()` names them --
     def counted_modules(self, kinds: frozenset[str] | set[str] | None = None) -> list[tuple[str, nn.Module]]:
-        """(kind, module) of every counted projection, current objects (surgery replaces them)."""
-        out: list[tuple[str, nn.Module]] = []
-        for unit in self.attention:
-            if unit.qkv is not None:
-                out.append(("qkv", unit.qkv))
-            else:
-                out += [("q", unit.q), ("k", unit.k), ("v", unit.v)]
-            out.append(("o", unit.o))
-        for mlp in self.mlps:
-            out += [("gate", mlp.gate), ("up", mlp.up), ("down", mlp.down)]
-        return [(k, m) for k, m in out if m is not None and (kinds is None or k in kinds)]
+        """(kind, module) of every counted projection of every block (attention blocks first),
+        current objects (surgery replaces them)."""
+        return [(k, m) for unit in [*self.attention, *self.mlps] for k, m in unit.counted_modules().items()
+                if kinds is None or k in kinds]
 
     def counted_weights(self, kinds: frozenset[str] | set[str] | None = None) -> list[nn.Parameter]:
         """The weight parameters behind the counted matrices of `kinds` (all when None)."""
@@ -143,21 +138,32 @@ class ModelIndex:
         self.passes = structure.get("passes", 0)
         self.history = list(structure.get("history", []))
 
-    # --- persistence ---------------------------------------------------------------------------
+    # --- persistence (the folder format is `model.checkpoint`'s) ----------------------------------
     def save_pretrained(self, directory: str | Path, tokenizer: Any = None,
                         extra: dict[str, Any] | None = None) -> Path:
-        """Save the model with its structure to `directory` (atomically); `neuroprune.load`
-        reads it back."""
-        from neuroprune import checkpoint
-
-        return checkpoint.save_pretrained(self, directory, tokenizer, extra)
+        """Save the model with its discovery options and structure to `directory` (atomically);
+        `extra` adds keys to `neuroprune.json` (a method records its name and the config the user
+        gave). `ModelIndex.from_pretrained` / `neuroprune.load` read it back."""
+        meta = {"discovery": self.discovery, "structure": self.structure(), **(extra or {})}
+        return checkpoint.write_folder(self.model, directory, meta, tokenizer)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, **model_kwargs: Any) -> ModelIndex:
-        """Rebuild a model saved with `save_pretrained`, structure and weights."""
-        from neuroprune import checkpoint
+        """Rebuild a model saved with `save_pretrained`: the dense model of its config, the saved
+        structure re-applied, then the saved weights (every shape and checksum checked)."""
+        meta = checkpoint.read_meta(directory)
+        model = checkpoint.build_model(directory, meta, **model_kwargs)
+        # folders written before the index existed hold the options in the method's config
+        index = cls(model, meta.get("discovery") or meta.get("neuroprune_config"))
+        index.restore_structure(meta["structure"])
+        checkpoint.load_weights(model, directory, meta)
+        model.eval()
+        return index
 
-        return checkpoint.from_pretrained(directory, **model_kwargs)
+
+def load(directory: str | Path, **model_kwargs: Any) -> nn.Module:
+    """Load a model saved by neuroprune (pruned or compacted) in one call."""
+    return ModelIndex.from_pretrained(directory, **model_kwargs).model
 
 
 def _discovery_dict(discovery: Any) -> dict[str, Any]:

@@ -114,12 +114,16 @@ class AttentionUnit:
             return weight_matrix(self.qkv).abs().sum(0)
         return sum(weight_matrix(m).abs().sum(0) for m in (self.q, self.k, self.v))
 
+    def counted_modules(self) -> dict[str, nn.Module]:
+        """The modules behind the counted matrices of this block (method.md sec. 5), by kind: the
+        one place that names them (`matrices()` and `ModelIndex.counted_*` derive from it)."""
+        if self.qkv is not None:
+            return {"qkv": self.qkv, "o": self.o}
+        return {"q": self.q, "k": self.k, "v": self.v, "o": self.o}
+
     def matrices(self) -> dict[str, torch.Tensor]:
         """The regularised / counted matrices of this block, `(out, in)`."""
-        if self.qkv is not None:
-            return {"qkv": weight_matrix(self.qkv), "o": weight_matrix(self.o)}
-        q, k, v = self.qkv_matrices()
-        return {"q": q, "k": k, "v": v, "o": weight_matrix(self.o)}
+        return {k: weight_matrix(m) for k, m in self.counted_modules().items()}
 
     def group_blocks(self) -> torch.Tensor:
         """One flat row per key/value group: its query heads' Q rows, then its K and V rows."""
@@ -235,11 +239,13 @@ class MLPUnit:
     def contract_matrix(self) -> torch.Tensor:
         return weight_matrix(self.down)
 
+    def counted_modules(self) -> dict[str, nn.Module]:
+        """The modules behind the counted matrices of this MLP, by kind (see `AttentionUnit`)."""
+        return {k: m for k, m in (("gate", self.gate), ("up", self.up), ("down", self.down)) if m is not None}
+
     def matrices(self) -> dict[str, torch.Tensor]:
-        mats = {"up": weight_matrix(self.up), "down": weight_matrix(self.down)}
-        if self.gate is not None:
-            mats["gate"] = weight_matrix(self.gate)
-        return mats
+        """The regularised / counted matrices of this MLP, `(out, in)`."""
+        return {k: weight_matrix(m) for k, m in self.counted_modules().items()}
 
     @torch.no_grad()
     def keep_neurons(self, keep: list[int]) -> list[ParamChange]:

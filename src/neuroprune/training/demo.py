@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bz2
 import csv
+import dataclasses
 import importlib.util
 import json
 import random
@@ -105,27 +106,14 @@ def write_splits(d: DemoSettings) -> dict[str, Path]:
 
 
 def settings_for(d: DemoSettings, method: str, paths: dict[str, Path]) -> TrainSettings:
-    return TrainSettings(
-        model="minilm",
-        method=method,  # "dense": no penalties, no head removal, nothing finalised
-        output_dir=str(Path(d.output_dir) / method),
-        train_file=str(paths["train"]),
-        validation_file=str(paths["validation"]),
-        test_file=str(paths["test"]),
-        text_fields=["text"],
-        label_field="label",
-        max_length=d.max_length,
-        epochs=d.epochs,
-        batch_size=d.batch_size,
-        learning_rate=d.learning_rate,
-        seed=d.seed,
-        alpha=d.alpha,
-        beta=d.beta,
-        theta=d.theta,
-        overwrite=True,
-        logging_steps=25,
-        report_to="none",
-    )
+    """The run of `method` (``"dense"``: no penalties, no head removal, nothing finalised): the
+    demo's sizes and hyper-parameters under their `TrainSettings` names, its files, quiet logs."""
+    train_fields = {f.name for f in dataclasses.fields(TrainSettings)} - {"output_dir"}
+    same = {f.name: getattr(d, f.name) for f in dataclasses.fields(d) if f.name in train_fields}
+    files = {f"{split}_file": str(path) for split, path in paths.items()}
+    return TrainSettings(model="minilm", method=method, output_dir=str(Path(d.output_dir) / method),
+                         text_fields=["text"], label_field="label", overwrite=True, logging_steps=25,
+                         report_to="none", **same, **files)
 
 
 def run_demo(d: DemoSettings) -> dict[str, Any]:

@@ -18,14 +18,16 @@ def evaluate_model(model_dir: str, s: TrainSettings, split: str = "validation") 
     transformers folder) on a labelled file."""
     from transformers import AutoTokenizer
 
-    from neuroprune.checkpoint import from_pretrained, read_meta, saved_eps
+    from neuroprune.methods.registry import saved_config
+    from neuroprune.model.checkpoint import read_meta
+    from neuroprune.model.index import ModelIndex
 
     path = RunDir(model_dir).model_dir(plain_ok=True)
     if not path.is_dir():
         raise ModelError(f"model folder {model_dir} does not exist.")
     try:
         meta = read_meta(path)
-        index = from_pretrained(path)
+        index = ModelIndex.from_pretrained(path)
         model = index.model
     except CheckpointError:
         index = None
@@ -43,7 +45,7 @@ def evaluate_model(model_dir: str, s: TrainSettings, split: str = "validation") 
         trainer = build_trainer(model, tokenizer, task, args, {}, None)
         metrics = trainer.evaluate(encoded[split], metric_key_prefix=split)
     if index is not None:
-        rep = index.report(saved_eps(meta))
+        rep = index.report(saved_config(meta).eps)
         metrics.update(
             sparsity=rep.sparsity,
             model_sparsity=rep.model_sparsity,

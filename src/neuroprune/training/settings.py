@@ -7,9 +7,9 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from neuroprune.config import NeuroPruneConfig
+from neuroprune.config import MethodConfig
 from neuroprune.errors import ConfigError
-from neuroprune.methods import check_method
+from neuroprune.methods import check_method, method_config
 from neuroprune.training.tasks import KINDS
 
 # Settings that may differ when resuming (they do not change what is computed).
@@ -94,19 +94,13 @@ class TrainSettings:
             )
         if self.task is not None and self.task not in KINDS:
             raise ConfigError(f"task={self.task!r} is not one of {', '.join(KINDS)}.")
-        self.neuroprune_config()
+        self.method_config()
         check_method(self.method, self.target_sparsity, self.target_heads)
 
-    def neuroprune_config(self) -> NeuroPruneConfig:
-        return NeuroPruneConfig(
-            alpha=self.alpha,
-            beta=self.beta,
-            theta=self.theta,
-            eps=self.eps,
-            merge=self.merge,
-            prune_heads=self.prune_heads,
-            output_penalty=self.output_penalty,
-        )
+    def method_config(self) -> MethodConfig:
+        """The config of `method` (its own class) from the settings of the same name: l1 takes
+        alpha and eps, dense only eps; the others are not its business."""
+        return method_config(self.method, self.to_dict())
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

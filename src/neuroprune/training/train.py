@@ -85,7 +85,7 @@ def train_run(s: TrainSettings, callbacks: list | None = None, quiet: bool = Fal
     transformers.set_seed(s.seed)
     splits, task, fields = prepare_data(s)
     model, tokenizer = load_model(s.model, task)
-    method = build_method(s.method, model, s.neuroprune_config(), s.target_sparsity, s.prune_every_steps,
+    method = build_method(s.method, model, s.method_config(), s.target_sparsity, s.prune_every_steps,
                           target_heads=s.target_heads)
     encoded = encode_splits(s, splits, task, fields, tokenizer)
     args = training_arguments(s, run, task, "validation" in encoded)

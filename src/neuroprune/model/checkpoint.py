@@ -1,57 +1,55 @@
-"""Save and reload a pruned model: HF config + safetensors weights + `neuroprune.json` (the
-discovery options of its `ModelIndex`, the structure that differs from the dense config, e.g.
-heads kept per layer, and what the method that trained it records: its name and user config).
-Writes go to a temporary folder that is renamed into place, so a crash never leaves a half-written
-checkpoint."""
+"""The file format of a saved model folder: HF config + safetensors weights + `neuroprune.json`
+(what the caller records: for a `ModelIndex` its discovery options and the structure that differs
+from the dense config, for a method its name and user config; plus checksums and shapes written
+here). It knows models and files only, nothing of the index that gives a model its structure:
+`ModelIndex.save_pretrained` / `from_pretrained` build on it (as peft's `PeftModel` builds on its
+state-dict helpers). Writes go to a temporary folder that is renamed into place, so a crash never
+leaves a half-written checkpoint."""
 
 from __future__ import annotations
 
 import json
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import transformers
 from safetensors import SafetensorError
 from safetensors.torch import load_file
+from torch import nn
 
 from neuroprune.errors import CheckpointError
 from neuroprune.files import atomic_dir, commit_dir, sha256
-
-if TYPE_CHECKING:
-    from neuroprune.model.index import ModelIndex
+from neuroprune.version import __version__
 
 STRUCTURE_FILE = "neuroprune.json"
 FORMAT_VERSION = 1
 
 
-def save_pretrained(index: ModelIndex, directory: str | Path, tokenizer: Any = None,
-                    extra: dict[str, Any] | None = None) -> Path:
-    """Save `index.model` with its structure to `directory` (atomically). `extra` adds keys to
-    `neuroprune.json` (a method records its name and the config the user gave)."""
-    from neuroprune import __version__
-
+def write_folder(model: nn.Module, directory: str | Path, meta: dict[str, Any],
+                 tokenizer: Any = None) -> Path:
+    """Save `model` (and `tokenizer`) to `directory` atomically, with `meta` plus the format
+    version, the model type, every tensor's shape and every weights file's checksum in
+    `neuroprune.json`."""
     target = Path(directory)
     tmp = atomic_dir(target)
     try:
         # keys as the modules name them (no legacy renaming such as GPT-NeoX lm_head -> embed_out),
-        # so that `load_into` can match them one to one
-        index.model.save_pretrained(tmp, save_original_format=False)
+        # so that `load_weights` can match them one to one
+        model.save_pretrained(tmp, save_original_format=False)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        meta = {
+        full = {
             "format_version": FORMAT_VERSION,
             "neuroprune_version": __version__,
-            "model_type": getattr(index.model.config, "model_type", None),
-            "architectures": getattr(index.model.config, "architectures", None),
-            "discovery": index.discovery,
-            "structure": index.structure(),
-            "shapes": {k: list(v.shape) for k, v in index.model.state_dict().items()},
+            "model_type": getattr(model.config, "model_type", None),
+            "architectures": getattr(model.config, "architectures", None),
+            **meta,
+            "shapes": {k: list(v.shape) for k, v in model.state_dict().items()},
             "weights_sha256": {f.name: sha256(f) for f in sorted(tmp.glob("*.safetensors"))},
-            **(extra or {}),
         }
-        (tmp / STRUCTURE_FILE).write_text(json.dumps(meta, indent=1))
+        (tmp / STRUCTURE_FILE).write_text(json.dumps(full, indent=1))
         commit_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -60,6 +58,7 @@ def save_pretrained(index: ModelIndex, directory: str | Path, tokenizer: Any = N
 
 
 def read_meta(directory: str | Path) -> dict[str, Any]:
+    """The `neuroprune.json` of a saved folder, checked to be one this version reads."""
     path = Path(directory)
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a folder; pass the folder written by save_pretrained().")
@@ -67,7 +66,7 @@ def read_meta(directory: str | Path) -> dict[str, Any]:
     if not meta_file.exists():
         raise CheckpointError(
             f"{path} has no {STRUCTURE_FILE}, so it is not a neuroprune model folder. A plain "
-            "transformers folder loads with AutoModel...from_pretrained; wrap it with NeuroPrune()."
+            "transformers folder loads with AutoModel...from_pretrained; wrap it with ModelIndex()."
         )
     try:
         meta = json.loads(meta_file.read_text())
@@ -81,12 +80,16 @@ def read_meta(directory: str | Path) -> dict[str, Any]:
     return meta
 
 
-def saved_eps(meta: dict[str, Any]) -> float:
-    """The eps the method that trained a saved model counted absent weights with (for reports of
-    the loaded model: degrees and finalize use the same threshold as training did)."""
-    from neuroprune.config import NeuroPruneConfig
-
-    return float((meta.get("neuroprune_config") or {}).get("eps", NeuroPruneConfig.eps))
+def build_model(directory: str | Path, meta: dict[str, Any], **model_kwargs: Any) -> nn.Module:
+    """A dense model of the saved config and architecture (random weights: the caller gives it
+    the saved structure, then `load_weights`)."""
+    try:
+        hf_config = transformers.AutoConfig.from_pretrained(directory)
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"cannot read the model config in {directory}: {err}") from None
+    cls = _model_class(meta)
+    build = cls.from_config if hasattr(cls, "from_config") else cls._from_config
+    return build(hf_config, **model_kwargs)
 
 
 def _model_class(meta: dict[str, Any]) -> type:
@@ -126,12 +129,12 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_into(index: ModelIndex, directory: str | Path, meta: dict[str, Any]) -> None:
-    """Give `index.model` the saved structure, then the saved weights, checking every shape."""
+def load_weights(model: nn.Module, directory: str | Path, meta: dict[str, Any]) -> None:
+    """Load the saved weights into `model`, which already has the saved structure: every shape,
+    every tensor and every checksum checked."""
     path = Path(directory)
-    index.restore_structure(meta["structure"])
     state = _read_weights(path)
-    own = index.model.state_dict()
+    own = model.state_dict()
     wrong = [k for k, v in state.items() if k in own and tuple(own[k].shape) != tuple(v.shape)]
     unexpected = [k for k in state if k not in own]
     if wrong or unexpected:
@@ -141,8 +144,8 @@ def load_into(index: ModelIndex, directory: str | Path, meta: dict[str, Any]) ->
             f"{STRUCTURE_FILE} ({len(wrong)} shape mismatches, {len(unexpected)} unknown tensors, "
             f"e.g. {example!r}); was a file copied from another model?"
         )
-    missing = set(index.model.load_state_dict(state, strict=False).missing_keys)
-    index.model.tie_weights()
+    missing = set(model.load_state_dict(state, strict=False).missing_keys)
+    model.tie_weights()
     loaded_ptrs = {own[k].data_ptr() for k in state}
     really_missing = sorted(k for k in missing if own[k].data_ptr() not in loaded_ptrs)
     if really_missing:
@@ -151,27 +154,3 @@ def load_into(index: ModelIndex, directory: str | Path, meta: dict[str, Any]) ->
             "the save was incomplete or the files were edited."
         )
     _check_checksums(path, meta)
-
-
-def from_pretrained(directory: str | Path, **model_kwargs: Any) -> ModelIndex:
-    """Rebuild the model and its `ModelIndex` from a folder written by `save_pretrained`."""
-    from neuroprune.model.index import ModelIndex
-
-    meta = read_meta(directory)
-    try:
-        hf_config = transformers.AutoConfig.from_pretrained(directory)
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"cannot read the model config in {directory}: {err}") from None
-    cls = _model_class(meta)
-    build = cls.from_config if hasattr(cls, "from_config") else cls._from_config
-    model = build(hf_config, **model_kwargs)
-    # folders of format 1 written before the index existed hold the options in the config
-    index = ModelIndex(model, meta.get("discovery") or meta.get("neuroprune_config"))
-    load_into(index, directory, meta)
-    model.eval()
-    return index
-
-
-def load(directory: str | Path, **model_kwargs: Any) -> torch.nn.Module:
-    """Load a model saved by neuroprune (pruned or compacted) in one call."""
-    return from_pretrained(directory, **model_kwargs).model
