@@ -43,13 +43,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # --- the one place to change when the core modules move (paths relative to the repository root) ---
 CORE_MODULES = [
-    "src/neuroprune/methods/penalties.py",
+    "src/neuroprune/methods/penalties.py",  # first: planted_mutant_check plants its bug here
     "src/neuroprune/methods/heads.py",
+    "src/neuroprune/methods/steering.py",
+    "src/neuroprune/methods/penalty.py",
+    "src/neuroprune/methods/neuroprune.py",
     "src/neuroprune/model/units.py",
     "src/neuroprune/model/surgery.py",
-    "src/neuroprune/compaction.py",
-    "src/neuroprune/methods/steering.py",
+    "src/neuroprune/model/index.py",
+    "src/neuroprune/model/structure.py",
     "src/neuroprune/model/sparsity.py",
+    "src/neuroprune/compaction.py",
 ]
 
 # The fast, unit-level tests that exercise them (no Trainer / CLI / crash tests: too slow per mutant).
@@ -64,6 +68,8 @@ TESTS = [
     "tests/test_exactness.py",
     "tests/test_hand_computed.py",
     "tests/test_mutation_kills.py",
+    "tests/test_baselines.py",
+    "tests/test_checkpoint.py",
 ]
 # Left out of the subset: it re-imports neuroprune in a fresh interpreter, which loads the unmutated
 # editable install (it can never kill a mutant) and costs ~4 s per mutant of compaction.py.
