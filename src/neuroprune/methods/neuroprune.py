@@ -19,8 +19,10 @@ from neuroprune.methods.heads import group_distances, prune_unit, redundant_grou
 from neuroprune.methods.penalties import attention_penalty, mlp_penalty, output_penalty
 from neuroprune.methods.penalty import Part, PenaltyMethod
 from neuroprune.methods.steering import SparsityTarget, cubic_schedule
+from neuroprune.methods.structural import Removed, StructuralPruner, UnitScores, alive_rows
 from neuroprune.model.index import ATTENTION_KINDS, MLP_KINDS, ModelIndex
-from neuroprune.model.surgery import ParamChange
+from neuroprune.model.sparsity import row_degree
+from neuroprune.model.surgery import ParamChange, weight_matrix
 
 # The head target is reached after this fraction of the sparsity ramp: zeros a head-pruning pass
 # adds cannot be taken back, so the penalties must still have room to make up for them.
@@ -43,6 +45,15 @@ class NeuroPrune(PenaltyMethod):
     steps; with `target.heads`, theta is steered to that number of heads. Heads are removed at the
     end of every epoch and every `prune_every_steps` steps when > 0. Runtime state: `alpha`,
     `beta` (see `PenaltyMethod`) and `theta`, the threshold the next pass uses.
+
+    With a FLOP target (`SparsityTarget(flops=F)`) the penalties stay in the loss (as in the
+    paper) and push weakly connected units down, and every few steps (`prune_every_steps`, or
+    ~20 times inside the ramp) a `StructuralPruner` removes whole units on the cubic schedule
+    from 1 to F, scored by the paper's mechanisms (`unit_scores`): neurons by preferential
+    attachment, input dims by their [Q, K, V] group norm, key/value groups by importance, with
+    the groups a block loses picked by the dominating-set pass, theta steered to that number
+    (`target.heads_by`). Removed units are held at exact zero; survivors are not shrunk; nothing
+    is removed physically until `compact`, so the run ends with `flop_count(...).fraction` ~ F.
     """
 
     name = "neuroprune"
@@ -62,6 +73,12 @@ class NeuroPrune(PenaltyMethod):
         self._pruned_at: int | None = None
         if target is not None and target.heads is not None:
             self._check_head_target(target)
+        self.structural: StructuralPruner | None = None
+        if target is not None and target.flops is not None:
+            if prune_every_steps:
+                target = dataclasses.replace(target, select_every=prune_every_steps)
+                self.target = target
+            self.structural = StructuralPruner(self.index, target, self.unit_scores, self._choose_groups)
 
     def _check_head_target(self, target: SparsityTarget) -> None:
         heads, units = target.heads, self.index.attention
@@ -196,9 +213,69 @@ class NeuroPrune(PenaltyMethod):
         self.prune_redundant_heads()
         return self.last_changes
 
+    # --- structural selection under a FLOP target -------------------------------------------
+    @torch.no_grad()
+    def unit_scores(self, removed: Removed) -> UnitScores:
+        """The paper's mechanisms as unit scores (higher = keep), each of power 1 in the weights
+        so that kinds compare after `structural.normalise`: a neuron's fractional degree (section
+        1) times the geometric mean of its fan-in and fan-out l1 norms; an input dim's [Q, K, V]
+        group l1 over the groups still present (the group of the l_{1,0.5} term, section 2); a
+        key/value group's geometric mean of its output-projection and Q/K/V block l1 norms."""
+        eps = self.config.eps
+        neurons = []
+        for unit in self.index.mlps:
+            mats = [m.detach() for m in unit.expand_matrices()]
+            fan_in = sum(m.abs().sum(1) for m in mats)
+            fan_out = weight_matrix(unit.down).detach().abs().sum(0)
+            neurons.append(row_degree(mats, eps) * (fan_in * fan_out).sqrt())
+        groups, inputs = [], []
+        for b, unit in enumerate(self.index.attention):
+            rows = alive_rows(unit, removed.groups.get(b, []))
+            inputs.append(sum(r.abs().sum(0) for r in rows))
+            o = weight_matrix(unit.o).detach().abs()
+            out = torch.stack([o[:, unit.query_rows([g])].sum() for g in range(unit.num_kv_heads)])
+            groups.append((out * unit.group_blocks().abs().sum(1)).sqrt())
+        return UnitScores(neurons, groups, inputs)
+
+    @torch.no_grad()
+    def _choose_groups(self, block: int, picked: list[int], scores: torch.Tensor,
+                       removed: Removed) -> list[int]:
+        """The groups block `block` loses, as many as the budget `picked`: the redundant ones of
+        a dominating-set pass (paper Algorithms 2-3) at the largest theta that removes no more
+        than that, merged into their survivor (`config.merge == "output"`) where they are within
+        the configured theta of it; the rest, if any, by lowest score."""
+        n = len(picked)
+        if self.target.heads_by != "redundancy" or not self.config.prune_heads or n == 0:
+            return picked
+        unit = self.index.attention[block]
+        gone = set(removed.groups.get(block, []))
+        present = [g for g in range(unit.num_kv_heads) if g not in gone]
+        dist = group_distances(unit.group_blocks()[present])
+        upper = torch.triu(torch.ones_like(dist, dtype=torch.bool), 1)
+        thetas = sorted(set(dist[upper].tolist()))
+        lo, hi, best = 0, len(thetas) - 1, {}
+        while lo <= hi:  # largest theta whose pass removes at most n
+            mid = (lo + hi) // 2
+            found = redundant_groups(similarity_from_distances(dist, thetas[mid]))
+            if len(found) <= n:
+                best, lo = found, mid + 1
+                self.theta = thetas[mid]
+            else:
+                hi = mid - 1
+        chosen = []
+        for src, dst in best.items():
+            if self.config.merge == "output" and float(dist[src, dst]) <= self.config.theta:
+                unit.merge_output(present[src], present[dst])
+            chosen.append(present[src])
+        rest = [g for g in sorted(present, key=lambda g: float(scores[g])) if g not in chosen]
+        return chosen + rest[: n - len(chosen)]
+
     # --- hooks ---------------------------------------------------------------------------------
     def on_train_begin(self, total_steps: int, optimizer: torch.optim.Optimizer | None = None) -> None:
         super().on_train_begin(total_steps, optimizer)
+        if self.structural is not None:
+            self.structural.begin(total_steps)
+            return
         t = self.target
         if t is not None and t.heads is not None and not self.prune_every_steps:
             # passes at epoch ends only would fall after the head ramp: ~10 passes inside it
@@ -206,11 +283,16 @@ class NeuroPrune(PenaltyMethod):
             self.prune_every_steps = max(1, round(ramp_steps / 10))
 
     def structural_step(self, step: int) -> list[ParamChange]:
+        if self.structural is not None:  # masks, no surgery: the optimiser state stays valid
+            self.structural.step(step)
+            return []
         if self.prune_every_steps and step % self.prune_every_steps == 0:
             return self._pass()
         return []
 
     def on_epoch_end(self, epoch: int) -> list[ParamChange]:
+        if self.structural is not None:  # heads go on the FLOP schedule, not at epoch ends
+            return super().on_epoch_end(epoch)
         changes = self._pass()
         super().on_epoch_end(epoch)  # after the pass: the zeros it made are held too
         return changes
@@ -227,20 +309,30 @@ class NeuroPrune(PenaltyMethod):
         goal = self.heads_target(self.step)
         if goal is not None:
             values["target_heads_now"] = goal
+        if self.structural is not None:
+            values.update(target_flops_now=self.structural.scheduled,
+                          flops_fraction_now=self.structural.planned)
         return values
 
     def summary(self) -> dict[str, Any]:
         out = {**super().summary(), "theta": self.theta}
         if self.target is not None and self.target.heads is not None:
             out.update(target_heads=self.target.heads, heads_kept=self.sparsity_report().heads_kept)
+        if self.target is not None and self.target.flops is not None:
+            out["target_flops"] = self.target.flops
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "theta": self.theta, "pruned_at": self._pruned_at,
-                "prune_every_steps": self.prune_every_steps}
+        state = {**super().state_dict(), "theta": self.theta, "pruned_at": self._pruned_at,
+                 "prune_every_steps": self.prune_every_steps}
+        if self.structural is not None:
+            state["structural"] = self.structural.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.theta = float(state.get("theta", self.theta))
         self._pruned_at = state.get("pruned_at")
         self.prune_every_steps = int(state.get("prune_every_steps", self.prune_every_steps))
+        if self.structural is not None and "structural" in state:
+            self.structural.load_state_dict(state["structural"])

@@ -58,9 +58,15 @@ def fraction(counts: dict[str, tuple[int, int]], kinds: set[str] | frozenset[str
     return zeros / total if total else 0.0
 
 
+FLOP_KINDS = ("neurons", "heads", "inputs")  # structural units a FLOP target may remove
+HEAD_CHOICES = ("redundancy", "importance")
+
+
 @dataclass
 class SparsityTarget:
-    """Settings of the target-sparsity controller.
+    """What to steer to, and how: a sparsity (the paper's axis, the controller below) or a FLOP
+    budget (`flops`, the structural selection of `neuroprune.methods.structural`). Exactly one of
+    the two is given.
 
     Attributes:
         sparsity: requested final sparsity (fraction in [0, 1), section 5 measure).
@@ -91,9 +97,20 @@ class SparsityTarget:
             all heads to this number on the same cubic schedule; every head-pruning pass takes the
             largest theta that keeps at least the scheduled number (`NeuroPrune.theta_for_heads`),
             so heads go in order of redundancy and the count ends at or just above the target.
+        flops: instead of a sparsity: the cost of the compacted attention + MLP blocks at
+            `seq_len` tokens, as a fraction of the dense blocks' (0.5: half the FLOPs; 1: nothing
+            removed), counted as `compaction.flop_count` counts it. Reached by removing whole
+            neurons, key/value groups and attention input dims on the cubic schedule (from 1 to
+            `flops` over the ramp), every `select_every` steps; the rest train freely.
+        seq_len: sequence length at which FLOPs are counted (attention scores grow with it).
+        select_every: steps between two structural selections (0: about 20 inside the ramp).
+        kinds: which structural units a FLOP target may remove (subset of `FLOP_KINDS`).
+        heads_by: which key/value groups go once the budget says how many per block:
+            "redundancy" (NeuroPrune's dominating-set pass with theta steered to that number,
+            the rest by importance) or "importance" (lowest score first).
     """
 
-    sparsity: float
+    sparsity: float | None = None
     ramp_begin: float = 0.0
     ramp_end: float = 0.7
     kp: float = 2.0
@@ -105,13 +122,25 @@ class SparsityTarget:
     step: str = "soft"
     limit_step: bool = True
     heads: int | None = None
+    flops: float | None = None
+    seq_len: int = 128
+    select_every: int = 0
+    kinds: tuple[str, ...] = FLOP_KINDS
+    heads_by: str = "redundancy"
 
     def __post_init__(self) -> None:
-        s = self.sparsity
-        if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0.0 <= s < 1.0:
+        s, f = self.sparsity, self.flops
+        if (s is None) == (f is None):
+            raise ConfigError(
+                "give exactly one target: a sparsity (--target-sparsity, e.g. 0.9) or a fraction of "
+                f"the dense blocks' FLOPs (--target-flops, e.g. 0.5); got sparsity={s!r}, flops={f!r}."
+            )
+        if s is not None and (isinstance(s, bool) or not isinstance(s, (int, float)) or not 0.0 <= s < 1.0):
             raise ConfigError(
                 f"target sparsity must be a fraction in [0, 1) (e.g. 0.9 for 90%), got {s!r}."
             )
+        if f is not None:
+            self._check_flops(f)
         if not 0.0 <= self.ramp_begin <= self.ramp_end <= 1.0:
             raise ConfigError(
                 f"need 0 <= ramp_begin <= ramp_end <= 1, got {self.ramp_begin} and {self.ramp_end}."
@@ -125,6 +154,32 @@ class SparsityTarget:
             raise ConfigError(
                 "controller gains must be kp >= 0, ki > 0, max_rate > 0 and 0 < min_scale < max_scale."
             )
+
+    def _check_flops(self, f: Any) -> None:
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 < f <= 1.0:
+            raise ConfigError(
+                f"target FLOPs must be a fraction of the dense blocks' FLOPs in (0, 1] (e.g. 0.5 for "
+                f"half the cost), got {f!r}."
+            )
+        if self.heads is not None:
+            raise ConfigError(
+                "a target number of heads goes with --target-sparsity; under --target-flops the FLOP "
+                "budget decides how many heads go: drop --target-heads."
+            )
+        for name, least in (("seq_len", 1), ("select_every", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ConfigError(f"{name} must be a whole number >= {least}, got {value!r}.")
+        self.kinds = tuple(self.kinds)
+        unknown = sorted(set(self.kinds) - set(FLOP_KINDS))
+        if unknown or not self.kinds:
+            raise ConfigError(f"kinds {list(self.kinds)!r}: choose one or more of {', '.join(FLOP_KINDS)}.")
+        if self.heads_by not in HEAD_CHOICES:
+            raise ConfigError(f"heads_by must be one of {', '.join(HEAD_CHOICES)}, got {self.heads_by!r}.")
+
+    def flops_at(self, step: int, total_steps: int) -> float:
+        """The scheduled FLOP fraction for `step`: cubic from 1 (dense) to `flops` over the ramp."""
+        return cubic_schedule(step, total_steps, self.flops, 1.0, self.ramp_begin, self.ramp_end)
 
 
 @dataclass

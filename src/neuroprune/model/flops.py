@@ -70,18 +70,19 @@ def original_attention(unit: AttentionUnit) -> AttentionShape:
 
 def current_attention(unit: AttentionUnit) -> AttentionShape:
     return AttentionShape(in_features(projections(unit)[0]), unit.num_heads * unit.head_dim,
-                          unit.num_kv_heads * unit.head_dim, out_features(unit.o))
+                          unit.kv_heads * unit.head_dim, out_features(unit.o))
 
 
 def original_mlp(unit: MLPUnit) -> MLPShape:
     n = unit.original_neurons
-    return MLPShape(unit.original_numel["up"] // n, n, 2 if unit.gate is not None else 1,
-                    unit.original_numel["down"] // n)
+    expand = len(unit.expand_matrices())
+    expand_numel = sum(v for k, v in unit.original_numel.items() if k != "down")
+    return MLPShape(expand_numel // (expand * n), n, expand, unit.original_numel["down"] // n)
 
 
 def current_mlp(unit: MLPUnit) -> MLPShape:
-    return MLPShape(in_features(unit.up), out_features(unit.up), 2 if unit.gate is not None else 1,
-                    out_features(unit.down))
+    expand = unit.expand_matrices()
+    return MLPShape(expand[0].shape[1], expand[0].shape[0], len(expand), out_features(unit.down))
 
 
 def planned_attention(p: Any) -> AttentionShape:
@@ -90,7 +91,8 @@ def planned_attention(p: Any) -> AttentionShape:
     groups = p.unit.num_kv_heads if p.keep_groups is None else len(p.keep_groups)
     head = p.unit.head_dim
     return AttentionShape(now.d_in if p.keep_inputs is None else len(p.keep_inputs),
-                          groups * p.unit.group_size * head, groups * head, now.d_out)
+                          groups * p.unit.group_size * head,
+                          (1 if p.unit.multi_query else groups) * head, now.d_out)
 
 
 def planned_mlp(p: Any) -> MLPShape:
@@ -156,7 +158,8 @@ def removed_parameters(plan: Any) -> int:
         unit, now, after = p.unit, current_attention(p.unit), planned_attention(p)
         for module in projections(unit):
             rows = out_features(module)
-            rows_after = rows * (after.kv_rows // unit.head_dim) // unit.num_kv_heads
+            rows_after = {id(unit.q): after.q_rows, id(unit.k): after.kv_rows, id(unit.v): after.kv_rows}.get(
+                id(module), after.q_rows + 2 * after.kv_rows)  # the fused qkv holds all three
             weight, bias = _numel(module)
             removed += weight - rows_after * after.d_in  # all q/k/v projections read the same inputs
             removed += (rows - rows_after) if bias else 0

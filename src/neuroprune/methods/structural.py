@@ -1,0 +1,370 @@
+"""Structural selection to a FLOP budget: score whole units (MLP neurons, key/value groups,
+attention input dims), remove the lowest-scoring ones until the compacted blocks cost what the
+schedule allows, and hold them removed with masks.
+
+Why: element sparsity counts scattered zeros that `compact` cannot remove, and a proximal step
+shrinks every surviving weight on the way (issue 14). Here a unit is either removed (its weights
+exact zeros, re-imposed after every optimiser step, so `compact` removes it) or untouched: the
+survivors train freely. How much a removal saves is read from `compaction.plan`, the decisions
+`compact` makes, so the FLOP fraction steered is the one the compacted model has.
+
+The method supplies the scores (`Scorer`): NeuroPrune uses its paper's mechanisms
+(`NeuroPrune.unit_scores`), the structured-magnitude baseline plain norms (`magnitude_scores`).
+Scores of different kinds are made comparable by dividing each kind's scores by their mean over
+the units still present (a unit scoring half its kind's average goes before one scoring 0.9 of
+its own), so the split of the budget between neurons, heads and input dims is decided by the
+scores, not fixed in advance.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from neuroprune.compaction import CompactionRule, neuron_constants, plan
+from neuroprune.methods.steering import SparsityTarget
+from neuroprune.model.flops import dense_flops, planned_attention, planned_flops, planned_mlp
+from neuroprune.model.index import ModelIndex
+from neuroprune.model.structure import projections
+from neuroprune.model.surgery import head_rows, is_transposed, weight_matrix
+from neuroprune.model.units import AttentionUnit
+
+SELECTIONS_PER_RAMP = 20  # default number of selections inside the ramp
+CORRECTION_ROUNDS = 4  # re-selections when the plan says a round removed less than estimated
+TOLERANCE = 0.002  # of the dense FLOPs: close enough to the scheduled budget
+LANDING = 0.01  # of the dense FLOPs: how far below the final target a removal may take the model
+
+
+@dataclass
+class UnitScores:
+    """Importance of every present unit (higher = keep), current positions: one tensor per MLP
+    (per neuron) and per attention block (per key/value group, and per input dim)."""
+
+    neurons: list[torch.Tensor]
+    groups: list[torch.Tensor]
+    inputs: list[torch.Tensor]
+
+
+Scorer = Callable[[ModelIndex], UnitScores]
+
+
+@dataclass
+class Removed:
+    """Units removed so far, by kind and block (positions in the current shapes; training does
+    no surgery in this mode, so they stay valid), JSON-serialisable."""
+
+    neurons: dict[int, list[int]] = field(default_factory=dict)
+    groups: dict[int, list[int]] = field(default_factory=dict)
+    inputs: dict[int, list[int]] = field(default_factory=dict)
+
+    def add(self, kind: str, block: int, positions: list[int]) -> None:
+        table = getattr(self, kind)
+        table[block] = sorted(set(table.get(block, [])) | set(positions))
+
+    def to_dict(self) -> dict[str, dict[str, list[int]]]:
+        return {k: {str(b): v for b, v in getattr(self, k).items()} for k in ("neurons", "groups", "inputs")}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Removed:
+        return cls(**{k: {int(b): list(v) for b, v in data.get(k, {}).items()}
+                      for k in ("neurons", "groups", "inputs")})
+
+
+# --- scores -----------------------------------------------------------------------------------
+
+def alive_rows(unit: AttentionUnit, removed_groups: list[int]) -> tuple[torch.Tensor, ...]:
+    """The Q, K, V rows (head-major, `(rows, in)`) of the groups still present."""
+    keep = [g for g in range(unit.num_kv_heads) if g not in set(removed_groups)] or [0]
+    q, k, v = (m.detach() for m in unit.qkv_matrices())
+    kv = head_rows(keep, unit.head_dim)
+    return q[unit.query_rows(keep)], k[kv], v[kv]
+
+
+@torch.no_grad()
+def magnitude_scores(index: ModelIndex, removed: Removed | None = None) -> UnitScores:
+    """Plain norms (the structured-magnitude baseline): a neuron's fan-in row norm (gate and up
+    rows together), a group's output-projection slice norm, an input dim's q/k/v column norm."""
+    removed = removed or Removed()
+    neurons = [torch.cat(u.expand_matrices(), 1).detach().norm(dim=1) for u in index.mlps]
+    groups, inputs = [], []
+    for b, unit in enumerate(index.attention):
+        o = weight_matrix(unit.o).detach()
+        groups.append(torch.stack([o[:, unit.query_rows([g])].norm() for g in range(unit.num_kv_heads)]))
+        rows = alive_rows(unit, removed.groups.get(b, []))
+        inputs.append(torch.cat(rows, 0).norm(dim=0))
+    return UnitScores(neurons, groups, inputs)
+
+
+# --- selection --------------------------------------------------------------------------------
+
+@dataclass
+class Candidate:
+    score: float
+    kind: str
+    block: int
+    position: int
+
+
+def _round_up(kept: int, multiple: int) -> int:
+    """The neurons `compact` keeps when `kept` are alive (`compaction._round_up_kept`)."""
+    return max(multiple, -(-kept // multiple) * multiple)
+
+
+class _Budget:
+    """What removing one more unit of a block saves, given what was taken so far (exact for the
+    rounding of kept neurons and the input-gather threshold; groups and inputs of the same block
+    interact, which the caller's re-selection corrects)."""
+
+    def __init__(self, index: ModelIndex, now: Any, seq_len: int, rule: CompactionRule, removed: Removed,
+                 input_scores: list[torch.Tensor]) -> None:
+        two = 2 * seq_len
+        self.rule = rule
+        self.neuron_cost, self.neurons_left, self.neurons_gone = [], [], []
+        for b, p in enumerate(now.mlps):
+            shape = planned_mlp(p)
+            self.neuron_cost.append(two * (shape.d_in * shape.expand + shape.rows))
+            dead, _ = neuron_constants(p.unit)
+            gone = set(removed.neurons.get(b, [])) | set(dead.nonzero().flatten().tolist())
+            self.neurons_gone.append(gone)
+            self.neurons_left.append(dead.numel() - len(gone))
+        self.group_cost, self.groups_left, self.groups_gone = [], [], []
+        self.input_cost, self.inputs_left, self.inputs_gone, self.width, self.gathered = [], [], [], [], []
+        for b, p in enumerate(now.attention):
+            unit, shape = p.unit, planned_attention(p)
+            group_q = unit.group_size * unit.head_dim
+            projections_ = shape.d_in * (group_q + 2 * unit.head_dim) + group_q * shape.d_out
+            self.group_cost.append(two * projections_ + 4 * seq_len**2 * group_q)
+            gone = set(removed.groups.get(b, []))
+            if p.keep_groups is not None:
+                gone |= set(range(unit.num_kv_heads)) - set(p.keep_groups)
+            self.groups_gone.append(gone)
+            self.groups_left.append(unit.num_kv_heads - len(gone))
+            self.input_cost.append(two * (shape.q_rows + 2 * shape.kv_rows))
+            dead = set(removed.inputs.get(b, [])) | set((input_scores[b] == 0).nonzero().flatten().tolist())
+            self.inputs_gone.append(dead)
+            self.width.append(input_scores[b].numel())
+            self.inputs_left.append(self.width[b] - len(dead))
+            self.gathered.append(p.keep_inputs is not None)
+
+    def gone(self, kind: str, block: int) -> set[int]:
+        return getattr(self, f"{kind}_gone")[block]
+
+    def saving(self, kind: str, b: int) -> int | None:
+        """FLOPs saved by taking one more unit of `kind` in block `b` (None: the block must keep
+        what it has: one group, one input dim, one neuron)."""
+        if kind == "neurons":
+            left, m = self.neurons_left[b], self.rule.multiple_of
+            return None if left <= 1 else self.neuron_cost[b] * (_round_up(left, m) - _round_up(left - 1, m))
+        if kind == "groups":
+            return None if self.groups_left[b] <= 1 else self.group_cost[b]
+        left, width = self.inputs_left[b], self.width[b]
+        if left <= 1:
+            return None
+        if self.gathered[b]:
+            return self.input_cost[b]
+        dead_after = width - left + 1
+        threshold = math.ceil(self.rule.min_input_fraction * width - 1e-9)
+        if dead_after < threshold:
+            return 0
+        return self.input_cost[b] * (dead_after if dead_after == threshold else 1)
+
+    def take(self, kind: str, b: int) -> None:
+        getattr(self, f"{kind}_left")[b] -= 1
+
+    def below_threshold(self, b: int) -> bool:
+        threshold = math.ceil(self.rule.min_input_fraction * self.width[b] - 1e-9)
+        return not self.gathered[b] and self.width[b] - self.inputs_left[b] < threshold
+
+
+def select_to_budget(index: ModelIndex, scores: UnitScores, budget: int, seq_len: int,
+                     rule: CompactionRule, kinds: tuple[str, ...], removed: Removed,
+                     floor: int | None = None) -> Removed:
+    """The lowest-scoring present units whose removal brings the planned compacted block FLOPs
+    down to `budget`. A unit whose removal would take them below `floor` (the final budget, less a
+    tolerance) is skipped, so the run can land on its target although a head may cost 10% of a
+    tiny model. Each block keeps at least one group, one input dim and one neuron. Input dims are
+    kept in blocks where too few of them go for `compact` to gather the input
+    (`rule.min_input_fraction`): there removing them would save nothing."""
+    now = plan(index, rule)
+    planned = planned_flops(now, seq_len)
+    need = planned - budget
+    chosen = Removed()
+    if need <= 0:
+        return chosen
+    room = planned - (budget if floor is None else min(floor, budget))
+    account = _Budget(index, now, seq_len, rule, removed, scores.inputs)
+    candidates: list[Candidate] = []
+    for kind, table in (("neurons", scores.neurons), ("groups", scores.groups), ("inputs", scores.inputs)):
+        if (kind if kind != "groups" else "heads") in kinds:
+            for b, values in enumerate(table):
+                candidates += _of_kind(values, account.gone(kind, b), kind, b)
+    candidates.sort(key=lambda c: c.score)
+    saved = 0
+    for c in candidates:
+        if saved >= need:
+            break
+        gain = account.saving(c.kind, c.block)
+        if gain is None or saved + gain > room:
+            continue
+        account.take(c.kind, c.block)
+        saved += gain
+        chosen.add(c.kind, c.block, [c.position])
+    for b in list(chosen.inputs):
+        if account.below_threshold(b):
+            del chosen.inputs[b]
+    return chosen
+
+
+def _of_kind(scores: torch.Tensor, gone: set[int], kind: str, block: int) -> list[Candidate]:
+    values = scores.detach().double().tolist()
+    return [Candidate(v, kind, block, i) for i, v in enumerate(values) if i not in gone]
+
+
+def normalise(scores: UnitScores, removed: Removed) -> UnitScores:
+    """Each kind's scores divided by their mean over the units still present (model-wide)."""
+    out = {}
+    for kind in ("neurons", "groups", "inputs"):
+        tensors = [t.detach().double() for t in getattr(scores, kind)]
+        present = []
+        for b, t in enumerate(tensors):
+            mask = torch.ones_like(t, dtype=torch.bool)
+            mask[getattr(removed, kind).get(b, [])] = False
+            present.append(t[mask])
+        values = torch.cat(present) if present else torch.zeros(0)
+        mean = float(values.mean()) if values.numel() and float(values.mean()) > 0 else 1.0
+        out[kind] = [t / mean for t in tensors]
+    return UnitScores(out["neurons"], out["groups"], out["inputs"])
+
+
+# --- masks ------------------------------------------------------------------------------------
+
+class StructureMasks:
+    """Keep-masks of the weights that hold removed units at zero: a neuron's expand rows and
+    contract column, a group's output-projection columns, an input dim's q/k/v columns. Applied
+    after every optimiser step with one multi-tensor multiply (no per-matrix Python work)."""
+
+    def __init__(self, index: ModelIndex) -> None:
+        self.index = index
+        self.params: list[torch.nn.Parameter] = []
+        self.keep: list[torch.Tensor] = []
+
+    @torch.no_grad()
+    def build(self, removed: Removed) -> None:
+        masks: dict[int, tuple[torch.nn.Parameter, torch.Tensor]] = {}
+
+        def view(module: torch.nn.Module) -> torch.Tensor:
+            if id(module.weight) not in masks:
+                masks[id(module.weight)] = (module.weight, torch.ones_like(module.weight, dtype=torch.bool))
+            mask = masks[id(module.weight)][1]
+            return mask.t() if is_transposed(module) else mask
+
+        for b, positions in removed.neurons.items():
+            unit = self.index.mlps[b]
+            for module in (unit.gate, unit.up):
+                if module is not None:
+                    view(module)[positions] = False
+            view(unit.down)[:, positions] = False
+        for b, positions in removed.groups.items():
+            unit = self.index.attention[b]
+            view(unit.o)[:, unit.query_rows(positions)] = False
+        for b, positions in removed.inputs.items():
+            for module in projections(self.index.attention[b]):
+                view(module)[:, positions] = False
+        self.params = [p for p, _ in masks.values()]
+        self.keep = [m for _, m in masks.values()]
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        if self.params:
+            torch._foreach_mul_(self.params, self.keep)
+
+
+# --- the schedule -----------------------------------------------------------------------------
+
+GroupChooser = Callable[[int, list[int], torch.Tensor, Removed], list[int]]
+
+
+class StructuralPruner:
+    """Steers a model to `target.flops` on the cubic schedule: every `select_every` steps (and at
+    the end of the ramp) it scores the present units with `scorer`, removes the lowest-scoring
+    ones until the planned compacted FLOPs reach the scheduled fraction, and holds them at zero.
+
+    `choose_groups(block, chosen, group_scores, removed)` may replace the groups picked in a block
+    by others (the same number): NeuroPrune picks them by redundancy. Runtime state (`state_dict`):
+    the removed units, the last selection step, the scheduled and planned fractions."""
+
+    def __init__(self, index: ModelIndex, target: SparsityTarget, scorer: Callable[[Removed], UnitScores],
+                 choose_groups: GroupChooser | None = None, rule: CompactionRule | None = None) -> None:
+        self.index = index
+        self.target = target
+        self.scorer = scorer
+        self.choose_groups = choose_groups
+        self.rule = rule or CompactionRule()
+        self.removed = Removed()
+        self.masks = StructureMasks(index)
+        self.total_steps = 0
+        self.every = target.select_every
+        self.last_selection: int | None = None
+        self.scheduled = 1.0
+        self.planned = 1.0
+        self.dense = dense_flops(index, target.seq_len)
+
+    def begin(self, total_steps: int) -> None:
+        """After any checkpoint's weights are loaded: rebuild and apply the masks."""
+        self.total_steps = total_steps
+        if not self.every:
+            ramp = (self.target.ramp_end - self.target.ramp_begin) * total_steps
+            self.every = max(1, round(ramp / SELECTIONS_PER_RAMP))
+        self.masks.build(self.removed)
+        self.masks.apply()
+
+    def due(self, step: int) -> bool:
+        end = math.ceil(self.target.ramp_end * self.total_steps)
+        ramp_done = self.last_selection is not None and self.last_selection >= end
+        return not ramp_done and (step % self.every == 0 or step >= end)
+
+    def step(self, step: int) -> None:
+        """After optimiser step `step`: hold the removed units at zero; select when due."""
+        self.masks.apply()
+        if self.due(step):
+            self.select(step)
+
+    @torch.no_grad()
+    def select(self, step: int) -> None:
+        self.last_selection = step
+        self.scheduled = self.target.flops_at(step, self.total_steps)
+        budget = int(self.scheduled * self.dense)
+        floor = int((self.target.flops - LANDING) * self.dense)
+        for _ in range(CORRECTION_ROUNDS):
+            scores = normalise(self.scorer(self.removed), self.removed)
+            chosen = select_to_budget(self.index, scores, budget, self.target.seq_len, self.rule,
+                                      self.target.kinds, self.removed, floor)
+            if not any(getattr(chosen, k) for k in ("neurons", "groups", "inputs")):
+                break
+            if self.choose_groups is not None:
+                for b, picked in list(chosen.groups.items()):
+                    chosen.groups[b] = self.choose_groups(b, picked, scores.groups[b], self.removed)
+            for kind in ("neurons", "groups", "inputs"):
+                for b, positions in getattr(chosen, kind).items():
+                    self.removed.add(kind, b, positions)
+            self.masks.build(self.removed)
+            self.masks.apply()
+            planned = planned_flops(plan(self.index, self.rule), self.target.seq_len)
+            if planned <= budget + TOLERANCE * self.dense:
+                break
+        self.planned = planned_flops(plan(self.index, self.rule), self.target.seq_len) / self.dense
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"removed": self.removed.to_dict(), "last_selection": self.last_selection,
+                "every": self.every, "scheduled": self.scheduled, "planned": self.planned}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.removed = Removed.from_dict(state.get("removed", {}))
+        self.last_selection = state.get("last_selection")
+        self.every = int(state.get("every", self.every))
+        self.scheduled = float(state.get("scheduled", 1.0))
+        self.planned = float(state.get("planned", 1.0))
