@@ -91,11 +91,38 @@ class _Custom(nn.Module):
         return self.blocks(x)
 
 
-def test_unknown_model_gets_one_clear_error():
+class _FusedBlock(nn.Module):
+    """An attention block whose one fused projection cannot be read from its shapes alone."""
+
+    def __init__(self):
+        super().__init__()
+        self.head_dim, self.n_heads = 4, 2
+        self.wqkv, self.wo = nn.Linear(8, 24), nn.Linear(8, 8)
+        self.w1, self.w2 = nn.Linear(8, 16), nn.Linear(16, 8)
+
+
+def test_unknown_fused_model_gets_one_clear_error():
+    model = _Custom()
+    model.blocks = nn.Sequential(_FusedBlock(), _FusedBlock())
     with pytest.raises(UnsupportedArchitectureError) as err:
-        NeuroPrune(_Custom())
+        NeuroPrune(model)
     text = str(err.value)
-    assert "'homebrew'" in text and "blocks.0.wq" in text and "attention_layouts" in text
+    assert "'homebrew'" in text and "blocks.0.wqkv" in text and "attention_layouts" in text
+    assert "no block has recognisable separate query, key, value and output projections" in text
+
+
+def test_unknown_model_is_recognised_by_its_shapes(caplog):
+    """wq / wk / wv / wo and w1 / w2 are in no registry: found from their shapes, with a warning
+    that names what was taken for what."""
+    with caplog.at_level("WARNING"):
+        index = ModelIndex(_Custom())
+    assert [u.name for u in index.attention] == ["blocks.0", "blocks.1"]
+    unit = index.attention[0]
+    block = index.model.blocks[0]
+    assert (unit.q, unit.k, unit.v, unit.o) == (block.wq, block.wk, block.wv, block.wo)
+    assert [(m.name, m.up, m.down) for m in index.mlps[:1]] == [("blocks.0", index.model.blocks[0].w1,
+                                                                index.model.blocks[0].w2)]
+    assert "by the shapes" in caplog.text and "'q': 'wq'" in caplog.text
 
 
 def test_user_layout_maps_an_unknown_model_and_prunes_it_exactly():

@@ -35,9 +35,57 @@ SEQ2SEQ = ("t5", "t5-gated", "bart")
 DECODERS = ("gpt2", "opt", "llama", "qwen2", "gpt_neox")
 FAMILIES = ENCODERS + SEQ2SEQ + DECODERS
 
+# Families added for issue 17 (tests/test_families.py): the layouts beyond named separate Q/K/V.
+_LLAMA_LIKE = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1,
+                   eos_token_id=2)
+_BERT_LIKE = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+                  max_position_embeddings=64)
+CONFIGS.update({
+    # one [q | k | v] projection with 2 key/value heads for 4 query heads, one [gate | up] projection
+    "phi3": _LLAMA_LIKE,
+    # Falcon's three layouts: grouped interleaved (new decoder architecture, 2 KV heads),
+    # multi-query [all q | k | v], and per-head [q | k | v] with ALiBi slopes
+    "falcon": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_kv_heads=2,
+                   new_decoder_architecture=True, multi_query=False, alibi=False, bias=True,
+                   max_position_embeddings=64, ffn_hidden_size=48),
+    "falcon-mq": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, multi_query=True,
+                      new_decoder_architecture=False, alibi=False, bias=True, parallel_attn=True,
+                      max_position_embeddings=64, ffn_hidden_size=48),
+    "falcon-alibi": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, multi_query=False,
+                         new_decoder_architecture=False, alibi=True, bias=True, parallel_attn=False,
+                         max_position_embeddings=64, ffn_hidden_size=48),
+    "bloom": dict(hidden_size=32, n_layer=2, n_head=4),  # ALiBi, per-head [q | k | v]
+    "mpt": dict(d_model=32, n_heads=4, n_layers=2, max_seq_len=64),  # ALiBi
+    "gpt_bigcode": dict(n_embd=32, n_layer=2, n_head=4, n_inner=48, n_positions=64, multi_query=True,
+                        bos_token_id=1, eos_token_id=2),
+    "deberta-v2": dict(**_BERT_LIKE, relative_attention=True, pos_att_type=["p2c", "c2p"],
+                       share_att_key=False, position_buckets=8, max_relative_positions=16, pad_token_id=0),
+    "modernbert": dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                       max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                       cls_token_id=1, sep_token_id=2, global_attn_every_n_layers=2, local_attention=8),
+    "mistral": _LLAMA_LIKE,
+    "qwen3": dict(_LLAMA_LIKE, head_dim=8),
+    "gemma": dict(_LLAMA_LIKE, head_dim=8, num_key_value_heads=1),  # multi-query, separate projections
+    "gemma2": dict(_LLAMA_LIKE, head_dim=8, query_pre_attn_scalar=8, sliding_window=4),
+    "phi": dict(_LLAMA_LIKE, num_key_value_heads=4, partial_rotary_factor=0.5),
+    "stablelm": dict(_LLAMA_LIKE, num_key_value_heads=4),
+    "olmo": _LLAMA_LIKE,
+    "cohere": _LLAMA_LIKE,
+    "starcoder2": dict(_LLAMA_LIKE, use_bias=True),
+    "electra": dict(_BERT_LIKE, embedding_size=32),
+    "xlm-roberta": dict(_BERT_LIKE, pad_token_id=1),
+})
+NEW_ENCODERS = ("deberta-v2", "modernbert", "electra", "xlm-roberta")
+NEW_DECODERS = ("phi3", "falcon", "falcon-mq", "falcon-alibi", "bloom", "mpt", "gpt_bigcode", "mistral",
+                "qwen3", "gemma", "gemma2", "phi", "stablelm", "olmo", "cohere", "starcoder2")
+NEW_FAMILIES = NEW_ENCODERS + NEW_DECODERS
+# family name -> transformers model_type, where they differ
+MODEL_TYPES = {"t5-gated": "t5", "falcon-mq": "falcon", "falcon-alibi": "falcon"}
+
 
 def tiny_config(family: str):
-    model_type = family.split("-")[0]
+    model_type = MODEL_TYPES.get(family, family)
     return AutoConfig.for_model(model_type, **COMMON, **CONFIGS[family])
 
 
@@ -46,7 +94,7 @@ def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
     config = tiny_config(family)
     if family in SEQ2SEQ:
         cls = AutoModelForSeq2SeqLM
-    elif family in DECODERS:
+    elif family in DECODERS or family in NEW_DECODERS:
         cls = AutoModelForCausalLM
     else:
         cls = AutoModel
@@ -70,34 +118,29 @@ def main_output(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torc
 
 @torch.no_grad()
 def duplicate_group(model: torch.nn.Module, unit, src: int, dst: int) -> None:
-    """Make key/value group `dst` of an attention unit an exact copy of group `src` (its query
-    heads' Q rows and its K and V rows), and, where heads also own a relative position bias
+    """Make group `dst` of an attention unit an exact copy of group `src` (its query heads' Q rows
+    and, unless the key/value head is shared by all (multi-query), its K and V rows; biases and
+    per-head positional projections too), and, where heads also own a relative position bias
     (T5, MPNet), copy that bias column too, so the two groups compute the same function."""
-    from neuroprune.model.surgery import head_rows
+    from neuroprune.model.surgery import head_rows, weight_matrix
 
-    if unit.layout.fused == "interleaved":
-        w = unit.qkv.weight.view(unit.num_heads, 3 * unit.head_dim, -1)
-        w[dst] = w[src]
-        if unit.qkv.bias is not None:
-            b = unit.qkv.bias.view(unit.num_heads, -1)
-            b[dst] = b[src]
+    q = (unit.query_rows([src]), unit.query_rows([dst]))
+    kv = (head_rows([src], unit.head_dim), head_rows([dst], unit.head_dim))
+    if unit.qkv is not None:
+        fq, fk, fv = unit.fused_rows()
+        pairs = [(fq[q[0]], fq[q[1]])]
+        if not unit.multi_query:
+            pairs += [(fk[kv[0]], fk[kv[1]]), (fv[kv[0]], fv[kv[1]])]
+        targets = [(unit.qkv, pairs)]
     else:
-        q, k, v = unit.qkv_matrices()
-        q[unit.query_rows([dst])] = q[unit.query_rows([src])]
-        for m in (k, v):
-            m[head_rows([dst], unit.head_dim)] = m[head_rows([src], unit.head_dim)]
-        biases = (
-            [unit.qkv.bias] if unit.qkv is not None else [p.bias for p in (unit.q, unit.k, unit.v)]
-        )
-        if all(b is not None for b in biases):
-            if unit.qkv is not None:
-                qb, rest = biases[0][: q.shape[0]], biases[0][q.shape[0]:]
-                kb, vb = rest.chunk(2)
-            else:
-                qb, kb, vb = biases
-            qb[unit.query_rows([dst])] = qb[unit.query_rows([src])]
-            for b in (kb, vb):
-                b[head_rows([dst], unit.head_dim)] = b[head_rows([src], unit.head_dim)]
+        targets = [(unit.q, [q])] + ([] if unit.multi_query else [(unit.k, [kv]), (unit.v, [kv])])
+    targets += [(m, [q]) for m in unit.head_projections]
+    for module, rows in targets:
+        w = weight_matrix(module)
+        for s, d in rows:
+            w[d] = w[s]
+            if module.bias is not None:
+                module.bias[d] = module.bias[s]
     for name, module in model.named_modules():
         if name.endswith("relative_attention_bias"):
             module.weight[:, dst] = module.weight[:, src]

@@ -29,7 +29,6 @@ from torch import nn
 
 from neuroprune.errors import ConfigError
 from neuroprune.model import flops
-from neuroprune.model.architectures import activation_of
 from neuroprune.model.index import ModelIndex
 from neuroprune.model.structure import (
     add_bias,
@@ -39,7 +38,7 @@ from neuroprune.model.structure import (
     kept_outputs,
     projections,
 )
-from neuroprune.model.surgery import head_rows, in_features, out_features, weight_matrix
+from neuroprune.model.surgery import in_features, out_features, weight_matrix
 from neuroprune.model.units import AttentionUnit, MLPUnit
 
 
@@ -74,30 +73,28 @@ class CompactionRule:
 
 # --- policy: what is dead ---------------------------------------------------------------------
 
-def _bias(module: nn.Module | None, rows: int, like: torch.Tensor) -> torch.Tensor:
-    if module is None or module.bias is None:
-        return like.new_zeros(rows)
-    return module.bias.detach()
+def _bias(bias: torch.Tensor | None, rows: int, like: torch.Tensor) -> torch.Tensor:
+    return like.new_zeros(rows) if bias is None else bias.detach()
 
 
 def neuron_constants(unit: MLPUnit) -> tuple[torch.Tensor, torch.Tensor]:
     """Which neurons are removable (bool per current neuron) and, for those, the constant their
     activation takes (what the contract sees), to be folded into the contract bias."""
-    up = weight_matrix(unit.up).detach()
+    up = unit.up_matrix().detach()
     n = up.shape[0]
     dead_out = ~weight_matrix(unit.down).detach().ne(0).any(0)
     up_zero = ~up.ne(0).any(1)
-    b_up = _bias(unit.up, n, up)
-    act = activation_of(unit.module, unit.layout.up)
+    b_up = _bias(unit.up_bias(), n, up)
+    act = unit.activation()
     constant = torch.zeros_like(b_up)
-    if unit.gate is None:
+    if not unit.gated:
         if act is not None:  # act(b_up) is a constant; without a known act it is not removable
             constant = torch.where(up_zero, act(b_up), constant)
         removable = dead_out | (up_zero & (act is not None))
     else:
-        gate = weight_matrix(unit.gate).detach()
+        gate = unit.gate_matrix().detach()
         gate_zero = ~gate.ne(0).any(1)
-        b_gate = _bias(unit.gate, n, gate)
+        b_gate = _bias(unit.gate_bias(), n, gate)
         gate_value = act(b_gate) if act is not None else torch.full_like(b_gate, float("nan"))
         # act(gate) * up is constant when both rows are zero, and 0 when either factor is 0.
         zero = (up_zero & ~b_up.ne(0)) | (gate_zero & (gate_value == 0))
@@ -150,7 +147,7 @@ def plan_attention(unit: AttentionUnit, rule: CompactionRule) -> AttentionPlan:
     dead = dead_groups(unit)
     keep = [g for g in range(unit.num_kv_heads) if g not in dead] or [0]
     q, k, v = (m.detach() for m in unit.qkv_matrices())
-    kv_rows = head_rows(keep, unit.head_dim)
+    kv_rows = unit.kv_rows(keep)
     alive = q[unit.query_rows(keep)].ne(0).any(0) | k[kv_rows].ne(0).any(0) | v[kv_rows].ne(0).any(0)
     width = alive.numel()
     if int(alive.sum()) == 0:

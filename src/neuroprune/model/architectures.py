@@ -11,7 +11,9 @@ family (then the user's, then every built-in one for unknown families).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -20,20 +22,29 @@ import torch
 from torch import nn
 
 from neuroprune.errors import ConfigError, UnsupportedArchitectureError
-from neuroprune.model.surgery import is_projection
+from neuroprune.model.surgery import in_features, is_projection, out_features, weight_matrix
+
+logger = logging.getLogger(__name__)
 
 # Attributes that hold a head count / a width of all heads together, on whichever module the
 # family keeps them; head removal rewrites those that exist.
 HEAD_COUNT_ATTRS = ("num_heads", "num_attention_heads", "n_heads", "n_head")
-KV_HEAD_COUNT_ATTRS = ("num_key_value_heads", "num_kv_heads")
+KV_HEAD_COUNT_ATTRS = ("num_key_value_heads", "num_kv_heads", "kv_heads")
+# Query heads per key/value head, kept equal to num_heads // num_kv_heads (repeat_kv reads it).
+KV_GROUPS_ATTRS = ("num_key_value_groups",)
 WIDTH_ATTRS = ("all_head_size", "inner_dim", "split_size")
 HEAD_DIM_ATTRS = ("head_dim", "attention_head_size", "key_value_proj_dim", "head_size", "d_kv")
 # Attributes under which a family keeps its MLP activation function, on the MLP module or on
 # the module holding the expand projection (compaction folds constant activations of dead neurons).
-ACTIVATION_ATTRS = ("act_fn", "act", "activation_fn", "activation", "intermediate_act_fn")
+ACTIVATION_ATTRS = ("act_fn", "act", "activation_fn", "activation", "intermediate_act_fn", "gelu_impl")
 # Parts of the class names in `config.architectures` that mark a model with a generating head.
 SEQ2SEQ_CLASS_MARKS = ("ConditionalGeneration", "Seq2Seq")
 CAUSAL_LM_CLASS_MARKS = ("CausalLM", "LMHead")
+
+# Where the heads sit in a per-head bias tensor (see `AttentionLayout.head_bias_dims`).
+BIAS_DIMS = ("batch,heads", "batch*heads", "heads")
+# Config attributes that give the hidden size (structural discovery).
+HIDDEN_SIZE_ATTRS = ("hidden_size", "d_model", "n_embd", "dim")
 
 BiasFactory = Callable[[nn.Module, dict[str, Any], int], torch.Tensor | None]
 
@@ -46,7 +57,10 @@ class AttentionLayout:
         q, k, v: separate query / key / value projections (leave empty when `qkv` is used).
         qkv: one fused projection producing Q, K and V.
         fused: how `qkv`'s outputs are ordered: ``"concat"`` = [all Q | all K | all V] (GPT-2
-            `c_attn`), ``"interleaved"`` = per head [q | k | v] (GPT-NeoX `query_key_value`).
+            `c_attn`, Phi-3 `qkv_proj` with fewer K/V heads, multi-query [all Q | k | v]),
+            ``"interleaved"`` = per key/value group [its query heads | k | v], i.e. per head
+            [q | k | v] without grouped-query attention (GPT-NeoX, Bloom), [q_1..q_g | k | v] with
+            it (Falcon's new decoder architecture).
         o: output projection.
         core: module that owns the head-count attributes and runs the attention (forward hooks
             for per-head biases go there); ``""`` is the matched module itself.
@@ -57,6 +71,17 @@ class AttentionLayout:
             layer; the full (unsliced) bias is put back there.
         bias_factory: name in `BIAS_FACTORIES` of a function that builds the full bias when the
             layer would otherwise compute it itself (T5's first layer).
+        head_bias_dims: where the heads are in `head_bias_arg`: ``"batch,heads"`` = dim 1 (T5,
+            MPNet), ``"batch*heads"`` = dim 0 flattened with the batch (Bloom / Falcon ALiBi),
+            ``"heads"`` = dim 0 (MPT ALiBi). Biases built by the model for all original heads
+            (ALiBi slopes from the config's head count) are sliced to this layer's heads.
+        head_mask_arg: a forward argument of `core` holding an additive attention mask that may
+            carry a per-head dimension at dim 1 (Falcon folds its ALiBi into the mask); sliced
+            when that dimension has the original head count.
+        head_projections: further projections whose output rows are per query head (DeBERTa's
+            `pos_key_proj` / `pos_query_proj`); they lose the rows of removed heads.
+        width_attrs: further attributes of `core` that hold the width of all query heads
+            together (GPT-BigCode's `embed_dim`); rewritten on head removal.
     """
 
     q: str = ""
@@ -69,9 +94,15 @@ class AttentionLayout:
     head_bias_arg: str = ""
     head_bias_output: int | None = None
     bias_factory: str = ""
+    head_bias_dims: Literal["batch,heads", "batch*heads", "heads"] = "batch,heads"
+    head_mask_arg: str = ""
+    head_projections: tuple[str, ...] = ()
+    width_attrs: tuple[str, ...] = ()
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "attention layout") -> AttentionLayout:
+        if isinstance(data, dict):  # JSON / YAML give lists
+            data = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
         layout = _from_dict(cls, data, source)
         separate = layout.q and layout.k and layout.v
         if not layout.o or not (separate or (layout.qkv and layout.fused)):
@@ -81,6 +112,10 @@ class AttentionLayout:
             )
         if layout.fused not in ("", "concat", "interleaved"):
             raise ConfigError(f"{source}: fused={layout.fused!r} must be 'concat' or 'interleaved'.")
+        if layout.head_bias_dims not in BIAS_DIMS:
+            raise ConfigError(
+                f"{source}: head_bias_dims={layout.head_bias_dims!r} must be one of {', '.join(BIAS_DIMS)}."
+            )
         return layout
 
     def projection_paths(self) -> tuple[str, ...]:
@@ -89,21 +124,39 @@ class AttentionLayout:
 
 @dataclass(frozen=True)
 class MLPLayout:
-    """Where an MLP keeps its expand (`up`), optional `gate` and contract (`down`) projections."""
+    """Where an MLP keeps its expand (`up`), optional `gate` and contract (`down`) projections;
+    `gate_up` is one projection whose rows are [gate | up] (Phi-3 `gate_up_proj`, ModernBERT `Wi`:
+    the first half goes through the activation and multiplies the second)."""
 
     up: str = ""
     down: str = ""
     gate: str = ""
+    gate_up: str = ""
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "mlp layout") -> MLPLayout:
         layout = _from_dict(cls, data, source)
-        if not (layout.up and layout.down):
-            raise ConfigError(f"{source}: {data!r} must give at least `up` and `down`.")
+        if not layout.down or bool(layout.up) == bool(layout.gate_up) or (layout.gate and layout.gate_up):
+            raise ConfigError(
+                f"{source}: {data!r} must give `down` and either `up` (with an optional `gate`) or "
+                "`gate_up` (one fused projection, rows [gate | up])."
+            )
         return layout
 
+    @property
+    def expand(self) -> str:
+        """The path of the projection that holds the up rows (the fused one for `gate_up`)."""
+        return self.gate_up or self.up
+
     def projection_paths(self) -> tuple[str, ...]:
-        return tuple(p for p in (self.gate, self.up, self.down) if p)
+        return tuple(p for p in (self.gate, self.up, self.gate_up, self.down) if p)
+
+
+def layout_dict(layout: AttentionLayout | MLPLayout) -> dict[str, Any]:
+    """The fields of a layout that differ from the defaults: what to pass as `attention_layouts` /
+    `mlp_layouts` to name it explicitly."""
+    return {f.name: getattr(layout, f.name) for f in dataclasses.fields(layout)
+            if getattr(layout, f.name) != f.default}
 
 
 def _from_dict(cls: type, data: Any, source: str) -> Any:
@@ -169,6 +222,32 @@ NEOX_ATTN = AttentionLayout(qkv="query_key_value", fused="interleaved", o="dense
 NEOX_MLP = MLPLayout(up="dense_h_to_4h", down="dense_4h_to_h")
 PHI_ATTN = AttentionLayout(q="q_proj", k="k_proj", v="v_proj", o="dense")
 PLAIN_UP_DOWN_MLP = MLPLayout(up="up_proj", down="down_proj")
+# Phi-3: [q heads | k heads | v heads] in one projection (grouped-query), [gate | up] in another.
+PHI3_ATTN = AttentionLayout(qkv="qkv_proj", fused="concat", o="o_proj")
+PHI3_MLP = MLPLayout(gate_up="gate_up_proj", down="down_proj")
+# Falcon: per key/value group [q_1..q_g | k | v] (new decoder architecture), [all q | k | v]
+# (multi-query) or per head [q | k | v]: all three are the grouped interleaved order. With ALiBi
+# the model hands every layer slopes for all heads, flattened with the batch, and folds them
+# into the (then per-head) attention mask.
+FALCON_ATTN = AttentionLayout(
+    qkv="query_key_value", fused="interleaved", o="dense", head_bias_arg="alibi",
+    head_bias_dims="batch*heads", head_mask_arg="attention_mask",
+)
+BLOOM_ATTN = AttentionLayout(
+    qkv="query_key_value", fused="interleaved", o="dense", head_bias_arg="alibi",
+    head_bias_dims="batch*heads",
+)
+MPT_ATTN = AttentionLayout(
+    qkv="Wqkv", fused="concat", o="out_proj", head_bias_arg="position_bias", head_bias_dims="heads"
+)
+# GPT-BigCode: multi-query [all q | k | v] or per head [q | k | v]; splits by `embed_dim`.
+BIGCODE_ATTN = AttentionLayout(qkv="c_attn", fused="interleaved", o="c_proj", width_attrs=("embed_dim",))
+DEBERTA_V2_ATTN = AttentionLayout(
+    q="self.query_proj", k="self.key_proj", v="self.value_proj", o="output.dense", core="self",
+    head_projections=("self.pos_key_proj", "self.pos_query_proj"),
+)
+MODERNBERT_ATTN = AttentionLayout(qkv="Wqkv", fused="concat", o="Wo")
+MODERNBERT_MLP = MLPLayout(gate_up="Wi", down="Wo")
 
 _BERT = ArchSpec((BERT_ATTN,), (BERT_MLP,))
 _LLAMA = ArchSpec((LLAMA_ATTN,), (LLAMA_MLP,))
@@ -182,16 +261,25 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     **dict.fromkeys(("bart", "mbart", "marian", "pegasus", "blenderbot", "opt"), _BART),
     "gpt2": ArchSpec((GPT2_ATTN,), (GPT2_MLP,)),
     "gpt_neox": ArchSpec((NEOX_ATTN,), (NEOX_MLP,)),
-    **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo"), _LLAMA),
+    **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "olmo2",
+                     "stablelm", "cohere"), _LLAMA),
     "phi": ArchSpec((PHI_ATTN,), (FC_MLP,)),
+    "phi3": ArchSpec((PHI3_ATTN,), (PHI3_MLP,)),
+    "falcon": ArchSpec((FALCON_ATTN,), (NEOX_MLP,)),
+    "bloom": ArchSpec((BLOOM_ATTN,), (NEOX_MLP,)),
+    "mpt": ArchSpec((MPT_ATTN,), (PLAIN_UP_DOWN_MLP,)),
+    "gpt_bigcode": ArchSpec((BIGCODE_ATTN,), (GPT2_MLP,)),
+    "starcoder2": ArchSpec((LLAMA_ATTN,), (GPT2_MLP,)),
+    **dict.fromkeys(("deberta-v2", "deberta"), ArchSpec((DEBERTA_V2_ATTN,), (BERT_MLP,))),
+    "modernbert": ArchSpec((MODERNBERT_ATTN,), (MODERNBERT_MLP,)),
 }
 
 # Tried, in this order, for a family the registry does not know.
 GENERIC = ArchSpec(
-    attention=(BERT_ATTN, LLAMA_ATTN, BART_ATTN, PHI_ATTN, DISTILBERT_ATTN, GPT2_ATTN, NEOX_ATTN,
-               AttentionLayout(q="q", k="k", v="v", o="o")),
-    mlp=(LLAMA_MLP, T5_GATED_MLP, BERT_MLP, PLAIN_UP_DOWN_MLP, FC_MLP, DISTILBERT_MLP, T5_MLP,
-         GPT2_MLP, NEOX_MLP),
+    attention=(BERT_ATTN, DEBERTA_V2_ATTN, LLAMA_ATTN, BART_ATTN, PHI_ATTN, DISTILBERT_ATTN,
+               GPT2_ATTN, NEOX_ATTN, PHI3_ATTN, AttentionLayout(q="q", k="k", v="v", o="o")),
+    mlp=(LLAMA_MLP, PHI3_MLP, T5_GATED_MLP, BERT_MLP, PLAIN_UP_DOWN_MLP, FC_MLP, DISTILBERT_MLP,
+         T5_MLP, GPT2_MLP, NEOX_MLP),
 )
 
 
@@ -199,14 +287,15 @@ GENERIC = ArchSpec(
 
 @dataclass
 class Found:
-    """A module matched by a layout, before it becomes a unit."""
+    """A module matched by a layout (or recognised by its shapes), before it becomes a unit."""
 
     name: str
     module: nn.Module
     layout: AttentionLayout | MLPLayout
+    structural: bool = False  # recognised from the shapes of its projections, not a known layout
 
 
-def _child(module: nn.Module, path: str) -> nn.Module | None:
+def child_module(module: nn.Module, path: str) -> nn.Module | None:
     try:
         return module.get_submodule(path) if path else module
     except AttributeError:
@@ -214,20 +303,21 @@ def _child(module: nn.Module, path: str) -> nn.Module | None:
 
 
 def _matches(module: nn.Module, layout: AttentionLayout | MLPLayout) -> bool:
-    return all(is_projection(_child(module, p)) for p in layout.projection_paths())
+    return all(is_projection(child_module(module, p)) for p in layout.projection_paths())
 
 
-def _scan(model: nn.Module, layouts: tuple, keep: Callable[[str], bool]) -> list[Found]:
+def _inside(name: str, blocks: list[str]) -> bool:
+    return any(name == b or name.startswith(b + ".") or not b for b in blocks)
+
+
+def _scan(model: nn.Module, layouts: tuple) -> list[Found]:
     found: list[Found] = []
-    claimed: list[str] = []
     for name, module in model.named_modules():
-        if any(name == c or name.startswith(c + ".") for c in claimed):
+        if _inside(name, [f.name for f in found]):
             continue
         for layout in layouts:
             if _matches(module, layout):
-                claimed.append(name)
-                if keep(name):
-                    found.append(Found(name, module, layout))
+                found.append(Found(name, module, layout))
                 break
     return found
 
@@ -249,34 +339,219 @@ def discover(
     attention_modules: str | None = None,
     mlp_modules: str | None = None,
     exclude_modules: str | None = None,
+    allow_missing_attention: bool = False,
 ) -> tuple[list[Found], list[Found]]:
-    """Find every attention block and MLP of `model`; raise if it cannot map the model."""
-    spec = spec_for(model, attention_layouts or [], mlp_layouts or [])
+    """Find every attention block and MLP of `model`; raise if it cannot map the model.
 
-    def keeper(pattern: str | None) -> Callable[[str], bool]:
-        def keep(name: str) -> bool:
-            if exclude_modules and re.search(exclude_modules, name):
+    Known layouts are tried first; blocks they miss are then recognised by the shapes of their
+    projections (`_structural_attention`, `_structural_mlps`). The result must cover the model
+    evenly (`check_coverage`): a model with attention in some layers and not in others, or with
+    no attention at all, is refused (the latter unless `allow_missing_attention`). The name
+    filters apply last, so leaving blocks out on purpose is not mistaken for a partial mapping.
+    """
+    spec = spec_for(model, attention_layouts or [], mlp_layouts or [])
+    attention = _scan(model, spec.attention)
+    used = _projections_of(attention)
+    mlps = [f for f in _scan(model, spec.mlp) if not set(_projections_of([f])) & set(used)]
+    attention += _structural_attention(model, used + _projections_of(mlps))
+    mlps += _structural_mlps(model, attention, mlps)
+    if not attention and not mlps:
+        raise UnsupportedArchitectureError(_explain_unmapped(model))
+    check_coverage(model, attention, mlps, allow_missing_attention)
+    guessed = [f.name for f in attention + mlps if f.structural]
+    if guessed:
+        logger.warning(
+            "neuroprune recognised %d block(s) of model type %r by the shapes of their projections "
+            "(first: %s, taken as %s); pass attention_layouts / mlp_layouts to name them instead.",
+            len(guessed), _model_type(model), guessed[0],
+            layout_dict(next(f.layout for f in attention + mlps if f.structural)),
+        )
+
+    def keeper(pattern: str | None) -> Callable[[Found], bool]:
+        def keep(found: Found) -> bool:
+            if exclude_modules and re.search(exclude_modules, found.name):
                 return False
-            return pattern is None or re.search(pattern, name) is not None
+            return pattern is None or re.search(pattern, found.name) is not None
 
         return keep
 
-    attention = _scan(model, spec.attention, keeper(attention_modules))
-    mlps = _scan(model, spec.mlp, keeper(mlp_modules))
-    if not attention and not mlps:
-        raise UnsupportedArchitectureError(_explain_unmapped(model))
-    return attention, mlps
+    return ([f for f in attention if keeper(attention_modules)(f)],
+            [f for f in mlps if keeper(mlp_modules)(f)])
+
+
+def _projections_of(blocks: list[Found]) -> list[str]:
+    """Full names of the projections the blocks' layouts use."""
+    out = []
+    for f in blocks:
+        extra = getattr(f.layout, "head_projections", ())
+        out += [f"{f.name}.{p}" if f.name else p for p in (*f.layout.projection_paths(), *extra)]
+    return out
+
+
+def _model_type(model: nn.Module) -> str:
+    return getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
+
+
+def hidden_size_of(model: nn.Module) -> int | None:
+    """The model width: from its config, else the input width most projections have."""
+    config = getattr(model, "config", None)
+    for attr in HIDDEN_SIZE_ATTRS:
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    widths = Counter(in_features(m) for m in model.modules() if is_projection(m))
+    return widths.most_common(1)[0][0] if widths else None
+
+
+def _parent(name: str) -> str:
+    return name.rpartition(".")[0]
+
+
+def _relative(name: str, block: str) -> str:
+    return name[len(block) + 1:] if block else name
+
+
+def _common(a: str, b: str) -> str:
+    out = []
+    for x, y in zip(a.split("."), b.split(".")):
+        if x != y:
+            break
+        out.append(x)
+    return ".".join(out)
+
+
+def _structural_attention(model: nn.Module, taken: list[str]) -> list[Found]:
+    """Attention blocks no layout matched, recognised by shapes: three sibling projections in a
+    row reading the model width (query, key, value in declaration order; key and value of one
+    width, the query's a multiple of it), then the next projection reading the query width and
+    writing the model width (the output), in the same module or its parent. Projections between
+    value and output that write the query width per head (DeBERTa's positional projections)
+    become `head_projections`. Q and K enter every computation symmetrically, so the
+    declaration order only matters for telling the output projection from the rest."""
+    width = hidden_size_of(model)
+    projections = [(n, m) for n, m in model.named_modules() if is_projection(m) and n not in taken]
+    found: list[Found] = []
+    i = 0
+    while i + 3 < len(projections):
+        (qn, q), (kn, k), (vn, v) = projections[i:i + 3]
+        parent = _parent(qn)
+        shapes_fit = (
+            _parent(kn) == parent == _parent(vn)
+            and in_features(q) == in_features(k) == in_features(v) == width
+            and out_features(k) == out_features(v) and out_features(q) % out_features(k) == 0
+        )
+        output = None
+        extras: list[str] = []
+        if shapes_fit:
+            for on, o in projections[i + 3:]:
+                if in_features(o) == out_features(q) and out_features(o) == width:
+                    output = on
+                    break
+                if _parent(on) == parent and in_features(o) == width and out_features(o) == out_features(q):
+                    extras.append(on)
+                    continue
+                break
+        block = _common(parent, _parent(output)) if output else ""
+        if output is None or block not in (parent, _parent(parent)):
+            i += 1
+            continue
+        layout = AttentionLayout(
+            q=_relative(qn, block), k=_relative(kn, block), v=_relative(vn, block),
+            o=_relative(output, block), core=_relative(parent, block) if parent != block else "",
+            head_projections=tuple(_relative(e, block) for e in extras),
+        )
+        found.append(Found(block, model.get_submodule(block), layout, structural=True))
+        i += 4 + len(extras)
+    return found
+
+
+def _layers(model: nn.Module) -> list[tuple[str, list[str]]]:
+    """(list name, item names) of every `nn.ModuleList` / `nn.Sequential` of two or more modules
+    of one class: the repeated layers a transformer is made of."""
+    out = []
+    for name, module in model.named_modules():
+        repeated = isinstance(module, (nn.ModuleList, nn.Sequential)) and len(module) > 1
+        if repeated and len({type(m) for m in module}) == 1:
+            out.append((name, [f"{name}.{i}" if name else str(i) for i in range(len(module))]))
+    return out
+
+
+def _structural_mlps(model: nn.Module, attention: list[Found], mlps: list[Found]) -> list[Found]:
+    """MLPs no layout matched, in layers that have an attention block but no MLP: two projections
+    in a row inside the layer and outside its attention, model width -> n -> model width (n not
+    the model width), with a third of the first's shape just before them taken as the gate."""
+    width = hidden_size_of(model)
+    claimed = set(_projections_of(attention + mlps))
+    found: list[Found] = []
+    for _, items in _layers(model):
+        for item in items:
+            has_attention = any(_inside(a.name, [item]) for a in attention)
+            if not has_attention or any(_inside(m.name, [item]) for m in mlps):
+                continue
+            layer = model.get_submodule(item)
+            projs = [(f"{item}.{n}", m) for n, m in layer.named_modules()
+                     if is_projection(m) and f"{item}.{n}" not in claimed]
+            for j in range(len(projs) - 1):
+                (un, up), (dn, down) = projs[j:j + 2]
+                n = out_features(up)
+                if not (in_features(up) == width == out_features(down) and in_features(down) == n != width):
+                    continue
+                before = projs[j - 1] if j else None
+                same_shape = before is not None and weight_matrix(before[1]).shape == weight_matrix(up).shape
+                gate = before if same_shape else None
+                block = _common(_common(_parent(un), _parent(dn)), _parent(gate[0]) if gate else _parent(un))
+                layout = MLPLayout(up=_relative(un, block), down=_relative(dn, block),
+                                   gate=_relative(gate[0], block) if gate else "")
+                found.append(Found(block, model.get_submodule(block), layout, structural=True))
+                break
+    return found
+
+
+def check_coverage(model: nn.Module, attention: list[Found], mlps: list[Found],
+                   allow_missing_attention: bool = False) -> None:
+    """Refuse a partial mapping: every repeated layer of one list must have as many attention
+    blocks (and MLPs) as its siblings, and a model without any attention block is refused unless
+    `allow_missing_attention` (then head pruning and the attention penalty are off)."""
+    for kind, blocks in (("attention", attention), ("MLP", mlps)):
+        for list_name, items in _layers(model):
+            counts = [sum(_inside(b.name, [item]) for b in blocks) for item in items]
+            if len(set(counts)) > 1:
+                missing = [item for item, c in zip(items, counts) if c < max(counts)]
+                shown = f"{missing[:4]}{' ...' if len(missing) > 4 else ''}"
+                raise UnsupportedArchitectureError(
+                    f"model type {_model_type(model)!r}: {kind} blocks were found in some layers of "
+                    f"{list_name or 'the model'} but not in {shown}; "
+                    "a partial mapping would prune some layers and silently skip others. Name the "
+                    "missing layout with attention_layouts / mlp_layouts, or leave those layers out "
+                    "on purpose with exclude_modules."
+                )
+    if not attention:
+        message = (
+            f"model type {_model_type(model)!r}: no attention block was found (MLPs: "
+            f"{len(mlps)}). Projections found: {_projection_names(model)}. Name its layout with "
+            "attention_layouts, e.g. [{'q': 'wq', 'k': 'wk', 'v': 'wv', 'o': 'wo'}] or "
+            "[{'qkv': 'Wqkv', 'fused': 'concat', 'o': 'out_proj'}]"
+        )
+        if not allow_missing_attention:
+            raise UnsupportedArchitectureError(
+                message + ", or pass allow_missing_attention=True to prune the MLPs only."
+            )
+        logger.warning(message + "; allow_missing_attention=True: the attention penalty and head "
+                       "removal are off, only the MLPs are pruned.")
+
+
+def _projection_names(model: nn.Module) -> str:
+    names = [n for n, m in model.named_modules() if is_projection(m)]
+    return (", ".join(names[:12]) + (" ..." if len(names) > 12 else "")) or "none"
 
 
 def _explain_unmapped(model: nn.Module) -> str:
-    model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
-    names = [n for n, m in model.named_modules() if is_projection(m)]
-    shown = ", ".join(names[:12]) + (" ..." if len(names) > 12 else "")
     return (
-        f"neuroprune cannot map model type {model_type!r}: none of the known attention or MLP "
-        f"layouts matches its modules. Projections found: {shown or 'none'}. Pass the layout "
-        "yourself with paths relative to the block, e.g. NeuroPruneConfig(attention_layouts=[{'q': "
-        "'wq', 'k': 'wk', 'v': 'wv', 'o': 'wo'}], mlp_layouts=[{'up': 'w1', 'down': 'w2'}]) "
+        f"neuroprune cannot map model type {_model_type(model)!r}: none of the known attention or "
+        f"MLP layouts matches its modules, and no block has recognisable separate query, key, "
+        f"value and output projections. Projections found: {_projection_names(model)}. Pass the "
+        "layout yourself with paths relative to the block, e.g. NeuroPruneConfig(attention_layouts="
+        "[{'q': 'wq', 'k': 'wk', 'v': 'wv', 'o': 'wo'}], mlp_layouts=[{'up': 'w1', 'down': 'w2'}]) "
         "(fused projections: {'qkv': 'c_attn', 'fused': 'concat', 'o': 'c_proj'})."
     )
 

@@ -28,7 +28,8 @@ from neuroprune.model.units import AttentionUnit, MLPUnit
 ATTENTION_KINDS = frozenset({"q", "k", "v", "qkv"})
 MLP_KINDS = frozenset({"up", "gate", "down"})
 ALL_KINDS = ATTENTION_KINDS | MLP_KINDS | {"o"}
-DISCOVERY_FIELDS = ("attention_layouts", "mlp_layouts", "attention_modules", "mlp_modules", "exclude_modules")
+DISCOVERY_FIELDS = ("attention_layouts", "mlp_layouts", "attention_modules", "mlp_modules", "exclude_modules",
+                    "allow_missing_attention")
 
 
 class ModelIndex:
@@ -169,9 +170,10 @@ def load(directory: str | Path, **model_kwargs: Any) -> nn.Module:
 def _discovery_dict(discovery: Any) -> dict[str, Any]:
     if discovery is None:
         return {"attention_layouts": [], "mlp_layouts": [], "attention_modules": None,
-                "mlp_modules": None, "exclude_modules": None}
+                "mlp_modules": None, "exclude_modules": None, "allow_missing_attention": False}
     get = discovery.get if isinstance(discovery, dict) else lambda k, d=None: getattr(discovery, k, d)
     out = {k: get(k, None) for k in DISCOVERY_FIELDS}
+    out["allow_missing_attention"] = bool(out["allow_missing_attention"])
     for key in ("attention_layouts", "mlp_layouts"):
         out[key] = [dict(layout) for layout in (out[key] or [])]
     return out

@@ -1,0 +1,182 @@
+"""Issue 17: families beyond the first eleven, built tiny from their configs (no hub), end to end:
+discovery, penalties, head removal (exact for identical heads; decoders generate the same tokens),
+finalize, compaction, save and reload. Each family stands for a layout:
+
+- fused [q | k | v] with grouped-query attention and fused [gate | up]: phi3 (modernbert: the same
+  two fusions, bidirectional, without GQA);
+- multi-query attention: falcon-mq and gpt_bigcode (one fused projection), gemma (separate);
+- grouped interleaved [q_1..q_g | k | v]: falcon (new decoder architecture);
+- per-head positional terms computed from the config's head count (ALiBi): bloom (slopes
+  flattened with the batch), mpt (slopes by head), falcon-alibi (slopes folded into a per-head mask);
+- attention under other names: deberta-v2 (query_proj / key_proj / value_proj with per-head
+  positional projections);
+- named separate Q/K/V families: mistral, qwen3, gemma2, phi, stablelm, olmo, cohere, starcoder2,
+  electra, xlm-roberta.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import neuroprune
+from neuroprune import CompactionRule, ModelIndex, NeuroPrune, NeuroPruneConfig
+from neuroprune.model.surgery import weight_matrix
+
+from tiny import NEW_DECODERS, NEW_FAMILIES, duplicate_group, main_output, tiny_inputs, tiny_model
+
+# family -> (query heads, key/value heads, removal groups, fused layout, gated MLP, MLP width)
+EXPECTED = {
+    "phi3": (4, 2, 2, "concat", True, 48),
+    "modernbert": (4, 4, 4, "concat", True, 48),
+    "falcon": (4, 2, 2, "interleaved", False, 48),
+    "falcon-mq": (4, 1, 4, "interleaved", False, 48),
+    "falcon-alibi": (4, 4, 4, "interleaved", False, 48),
+    "bloom": (4, 4, 4, "interleaved", False, 128),
+    "mpt": (4, 4, 4, "concat", False, 128),  # MptMLP is 4 x hidden whatever the config says
+    "gpt_bigcode": (4, 1, 4, "interleaved", False, 48),
+    "deberta-v2": (4, 4, 4, "", False, 48),
+    "gemma": (4, 1, 4, "", True, 48),
+    "mistral": (4, 2, 2, "", True, 48),
+    "qwen3": (4, 2, 2, "", True, 48),
+    "gemma2": (4, 2, 2, "", True, 48),
+    "phi": (4, 4, 4, "", False, 48),
+    "stablelm": (4, 4, 4, "", True, 48),
+    "olmo": (4, 2, 2, "", True, 48),
+    "cohere": (4, 2, 2, "", True, 48),
+    "starcoder2": (4, 2, 2, "", False, 48),
+    "electra": (4, 4, 4, "", False, 48),
+    "xlm-roberta": (4, 4, 4, "", False, 48),
+}
+ALIBI = ("bloom", "mpt", "falcon-alibi")
+HEADS_AND_NEURONS = CompactionRule(min_input_fraction=1.0, min_row_fraction=1.0, multiple_of=1)
+
+
+@torch.no_grad()
+def randomize_biases(model: torch.nn.Module, seed: int = 0) -> None:
+    """Non-zero biases (most families start them at 0, which would hide a bias left behind)."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if name.endswith("bias") and "norm" not in name.lower() and p.dim() == 1:
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+
+
+def test_at_least_ten_new_families_cover_every_layout():
+    assert set(EXPECTED) == set(NEW_FAMILIES) and len(NEW_FAMILIES) >= 10
+
+
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_family_is_mapped(family):
+    heads, kv, groups, fused, gated, width = EXPECTED[family]
+    index = ModelIndex(tiny_model(family))
+    assert len(index.attention) == 2 and len(index.mlps) == 2
+    for unit in index.attention:
+        assert (unit.num_heads, unit.kv_heads, unit.num_kv_heads, unit.head_dim) == (heads, kv, groups, 8)
+        assert unit.layout.fused == fused
+        q, k, v = unit.qkv_matrices()
+        assert q.shape == (heads * 8, 32) and k.shape == v.shape == (kv * 8, 32)
+    for mlp in index.mlps:
+        assert mlp.gated == gated and mlp.original_neurons == width
+        assert all(m.shape == (width, 32) for m in mlp.expand_matrices())
+        assert mlp.contract_matrix().shape == (32, width)
+
+
+def test_fused_views_read_the_right_rows():
+    """Phi-3 qkv_proj: rows [4 q heads | 2 k heads | 2 v heads]; gate_up_proj: [gate | up].
+    Falcon (new decoder architecture): per key/value group [q, q, k, v]."""
+    unit = ModelIndex(tiny_model("phi3")).attention[0]
+    w = unit.qkv.weight.detach()
+    q, k, v = unit.qkv_matrices()
+    assert torch.equal(q, w[:32]) and torch.equal(k, w[32:48]) and torch.equal(v, w[48:64])
+    mlp = ModelIndex(tiny_model("phi3")).mlps[0]
+    w = mlp.up.weight.detach()
+    gate, up = mlp.expand_matrices()
+    assert torch.equal(gate, w[:48]) and torch.equal(up, w[48:])
+    unit = ModelIndex(tiny_model("falcon")).attention[0]
+    w = unit.qkv.weight.detach()
+    q, k, v = unit.qkv_matrices()
+    assert torch.equal(q[16:32], w[32:48]) and torch.equal(k[8:16], w[48:56])
+    assert torch.equal(v[0:8], w[24:32])
+
+
+def silenced_reference(model: torch.nn.Module, group: int, into: int) -> torch.nn.Module:
+    """The dense model with group `group`'s output-projection slice added into group `into`'s and
+    its own slice zeroed: what removing the group with merge='output' must compute when its
+    positional term differs from its twin's (ALiBi slopes are per head)."""
+    ref = copy.deepcopy(model)
+    for unit in ModelIndex(ref).attention:
+        unit.merge_output(group, into)
+        with torch.no_grad():
+            weight_matrix(unit.o)[:, unit.query_rows([group])] = 0
+    return ref
+
+
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_identical_heads_are_removed_exactly(family):
+    """Group 0 := group 1 in every block; the pass removes group 0 into group 1. Outputs stay
+    within 1e-4 and decoders generate the same tokens (with a KV cache). ALiBi families give
+    the twin heads different slopes, so there the result must equal the dense model with group
+    0 folded into group 1 and silenced (each kept head keeps its own slope) instead."""
+    model = tiny_model(family)
+    randomize_biases(model)
+    pruner = NeuroPrune(model, NeuroPruneConfig(theta=1e-6))
+    for unit in pruner.index.attention:
+        duplicate_group(model, unit, src=1, dst=0)
+    x = tiny_inputs(family)
+    reference = silenced_reference(model, 0, 1) if family in ALIBI else copy.deepcopy(model)
+    expected = main_output(reference, x)
+    if family in ALIBI:  # the twins are not interchangeable: their slopes differ
+        assert not torch.allclose(expected, main_output(model, x), atol=1e-4)
+    gs = pruner.index.attention[0].group_size
+    removed = pruner.prune_redundant_heads()
+    assert removed == {u.name: list(range(gs)) for u in pruner.index.attention}
+    heads = EXPECTED[family][0]
+    assert all(u.num_heads == heads - gs for u in pruner.index.attention)
+    torch.testing.assert_close(main_output(model, x), expected, atol=1e-4, rtol=1e-4)
+    if family in NEW_DECODERS:
+        ids = x["input_ids"][:1]
+        kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+        assert torch.equal(model.generate(ids, **kwargs), reference.generate(ids, **kwargs))
+
+
+@torch.no_grad()
+def kill(index: ModelIndex, dead_neurons: int = 5) -> None:
+    """Group 0 of every block writes nothing (zero O columns), and the first neurons of every MLP
+    are dead (zero contract columns): what finalize leaves of pruned structure."""
+    for unit in index.attention:
+        weight_matrix(unit.o)[:, unit.query_rows([0])] = 0
+    for mlp in index.mlps:
+        weight_matrix(mlp.down)[:, :dead_neurons] = 0
+
+
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_penalties_finalize_compaction_and_reload(family, tmp_path):
+    model = tiny_model(family)
+    randomize_biases(model)
+    pruner = NeuroPrune(model, NeuroPruneConfig(alpha=1e-2, beta=1e-2, theta=1e-6))
+    loss = pruner.regularization_loss()
+    assert torch.isfinite(loss) and loss > 0
+    loss.backward()
+    for _, module in pruner.index.counted_modules({"q", "k", "v", "qkv", "up", "gate"}):
+        assert module.weight.grad is not None and module.weight.grad.abs().sum() > 0
+    model.zero_grad()
+
+    kill(pruner.index)
+    pruner.finalize()
+    x = tiny_inputs(family)
+    expected = main_output(model, x)
+    params = sum(p.numel() for p in model.parameters())
+    neuroprune.compact(pruner, rule=HEADS_AND_NEURONS)
+    torch.testing.assert_close(main_output(model, x), expected, atol=1e-4, rtol=1e-4)
+    heads, _, groups, _, _, width = EXPECTED[family]
+    for unit in pruner.index.attention:
+        assert unit.kept_groups == list(range(1, groups))
+        assert unit.num_heads == heads - heads // groups
+    assert all(m.kept_neurons == list(range(5, width)) for m in pruner.index.mlps)
+    assert sum(p.numel() for p in model.parameters()) < params
+
+    pruner.save_pretrained(tmp_path / "model")
+    loaded = neuroprune.load(tmp_path / "model")
+    torch.testing.assert_close(main_output(loaded, x), expected, atol=1e-4, rtol=1e-4)
