@@ -56,6 +56,13 @@ HELP = {
     "training (neuroprune, l1); the final sparsity for gmp",
     "target_heads": "neuroprune with --target-sparsity: end with this many attention heads (theta is "
     "steered; head-pruning passes every few steps unless --prune-every-steps is given)",
+    "distill_from": "recovery by distillation (opt-in): a fine-tuned dense teacher, the --output-dir of a "
+    "dense run or a model folder; its logits join the loss (same vocabulary and labels required)",
+    "distill_temperature": "distillation temperature T (the KL term is scaled by T^2)",
+    "distill_weight": "share of the loss taken by the teacher's soft targets (0..1; the task loss gets "
+    "the rest)",
+    "distill_hidden_weight": "weight of the hidden-state MSE to the teacher (needs equal depth and width; "
+    "0: off)",
     "save_steps": "checkpoint every N steps (0: at the end of every epoch)",
     "logging_steps": "log loss, penalties and sparsity every N steps",
     "generation_max_length": "seq2seq: longest generated output during evaluation",

@@ -24,6 +24,7 @@ from neuroprune import distributed
 from neuroprune.errors import NeuroPruneError
 from neuroprune.files import write_json
 from neuroprune.guards import check_loss, check_weights, newest_good_checkpoint, write_manifest
+from neuroprune.integrations.distill import Distiller
 from neuroprune.methods import Dense, SparsityMethod
 from neuroprune.model.optim import remap_optimizer
 from neuroprune.model.surgery import ParamChange
@@ -101,7 +102,8 @@ class NeuroPruneMixin:
     penalty), which is exactly the base Trainer's computation.
     """
 
-    def __init__(self, *args: Any, method: SparsityMethod | None = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, method: SparsityMethod | None = None,
+                 distiller: Distiller | None = None, **kwargs: Any) -> None:
         if method is not None and not isinstance(method, SparsityMethod):
             raise NeuroPruneError(
                 f"method= must be a neuroprune SparsityMethod (e.g. NeuroPrune(model, config) or "
@@ -113,6 +115,9 @@ class NeuroPruneMixin:
         elif model is not None and method.model is not model:
             raise NeuroPruneError("method= was built on another model than the one given to the trainer.")
         self.method: SparsityMethod = method
+        # opt-in recovery by distillation from a dense teacher (integrations/distill.py)
+        self.distiller = distiller
+        self._distill_logs: dict[str, list[float]] = {}
         # First, so that the method's state is in a checkpoint before any user callback sees it.
         kwargs["callbacks"] = [_MethodCallback(self), *(kwargs.get("callbacks") or [])]
         self.last_good_checkpoint: str | None = None  # named when the loss turns non-finite
@@ -120,9 +125,12 @@ class NeuroPruneMixin:
 
     # --- loss -----------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        result = super().compute_loss(
-            model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
-        )
+        if self.distiller is not None and model.training:
+            result = self._distilled_loss(model, inputs, return_outputs, num_items_in_batch)
+        else:
+            result = super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
         reg = self.method.regularization_loss() if model.training else None
         if reg is None or not reg.requires_grad:  # no penalty (dense, GMP, proximal steps)
             return result
@@ -135,6 +143,21 @@ class NeuroPruneMixin:
             loss, outputs = result
             return loss + reg, outputs
         return result + reg
+
+    def _distilled_loss(self, model, inputs, return_outputs, num_items_in_batch):
+        """The task loss mixed with the teacher's terms; the terms are kept for the next log."""
+        if self.distiller.hidden_weight:
+            inputs = {**inputs, "output_hidden_states": True}
+        loss, outputs = super().compute_loss(
+            model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+        )
+        # the distillation terms are per-micro-batch means, like an unnormalised task loss
+        scale = 1 / self.current_gradient_accumulation_steps if self._loss_scaled_for_ga(
+            num_items_in_batch) else 1.0
+        loss, parts = self.distiller.combine(inputs, outputs, loss, scale)
+        for key, value in parts.items():
+            self._distill_logs.setdefault(key, []).append(value)
+        return (loss, outputs) if return_outputs else loss
 
     def _loss_scaled_for_ga(self, num_items_in_batch: Any) -> bool:
         """The Trainer's own rule (`training_step`) for whether it divides the loss by the steps."""
@@ -180,6 +203,9 @@ class NeuroPruneMixin:
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         # In place, so `evaluate()` returns (and callbacks see) the same values that are logged.
         logs.update(self.method.log_values(detailed=any(k.startswith("eval_") for k in logs)))
+        if "loss" in logs and self._distill_logs:  # training logs: the teacher's terms since the last
+            logs.update({k: sum(v) / len(v) for k, v in self._distill_logs.items()})
+            self._distill_logs = {}
         super().log(logs, start_time)
 
     # --- resume ---------------------------------------------------------------------------------

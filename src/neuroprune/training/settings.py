@@ -9,6 +9,7 @@ from typing import Any
 
 from neuroprune.config import MethodConfig
 from neuroprune.errors import ConfigError
+from neuroprune.integrations.distill import check_distill_values
 from neuroprune.methods import check_method, method_config
 from neuroprune.training.tasks import KINDS
 
@@ -56,6 +57,10 @@ class TrainSettings:
     method: str = "neuroprune"  # neuroprune, l1, gmp or dense (neuroprune.methods)
     target_sparsity: float | None = None  # fraction; alpha / beta are then steered to reach it
     target_heads: int | None = None  # neuroprune: theta steered to end with this many heads
+    distill_from: str | None = None  # dense teacher (run dir or model folder): recovery by distillation
+    distill_temperature: float = 2.0
+    distill_weight: float = 0.5  # share of the loss taken by the teacher's soft targets
+    distill_hidden_weight: float = 0.0  # hidden-state MSE weight (0: logits only)
     save_steps: int = 0  # 0: checkpoint at the end of every epoch
     logging_steps: int = 50
     generation_max_length: int = 128
@@ -95,6 +100,7 @@ class TrainSettings:
         if self.task is not None and self.task not in KINDS:
             raise ConfigError(f"task={self.task!r} is not one of {', '.join(KINDS)}.")
         self.method_config()
+        check_distill_values(self.distill_temperature, self.distill_weight, self.distill_hidden_weight)
         check_method(self.method, self.target_sparsity, self.target_heads)
 
     def method_config(self) -> MethodConfig:

@@ -11,6 +11,7 @@ from typing import Any
 
 from neuroprune.distributed import is_main_process
 from neuroprune.errors import ConfigError
+from neuroprune.integrations.distill import Distiller
 from neuroprune.methods import build_method
 from neuroprune.run_folder import SETTINGS_FILE, SPARSITY_FILE, VERSIONS_FILE, RunDir, versions
 from neuroprune.training.dataprep import encode_splits, prepare_data
@@ -87,6 +88,9 @@ def train_run(s: TrainSettings, callbacks: list | None = None, quiet: bool = Fal
     model, tokenizer = load_model(s.model, task)
     method = build_method(s.method, model, s.method_config(), s.target_sparsity, s.prune_every_steps,
                           target_heads=s.target_heads)
+    distiller = (Distiller.from_source(s.distill_from, model, tokenizer, s.distill_temperature,
+                                       s.distill_weight, s.distill_hidden_weight)
+                 if s.distill_from else None)  # refused here, before any training, if it cannot teach
     encoded = encode_splits(s, splits, task, fields, tokenizer)
     args = training_arguments(s, run, task, "validation" in encoded)
     elapsed = records[-1]["wall_clock_s"] if records else 0.0
@@ -99,6 +103,7 @@ def train_run(s: TrainSettings, callbacks: list | None = None, quiet: bool = Fal
         encoded,
         method,
         [recorder, *(callbacks or [])],
+        distiller=distiller,
     )
     recorder.values = trainer.method.log_values
     t0 = time.perf_counter()

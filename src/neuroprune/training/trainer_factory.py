@@ -68,6 +68,7 @@ def build_trainer(
     encoded: dict[str, Any],
     method: SparsityMethod | None,
     callbacks: list | None = None,
+    distiller: Any = None,
 ) -> Any:
     cls = NeuroPruneSeq2SeqTrainer if task.kind == "seq2seq" else NeuroPruneTrainer
     if task.kind in ("classification", "regression"):
@@ -86,4 +87,5 @@ def build_trainer(
         preprocess_logits_for_metrics=task.preprocess_logits(),
         method=method,
         callbacks=callbacks,
+        distiller=distiller,
     )
