@@ -54,6 +54,9 @@ HELP = {
     "method": "neuroprune, l1 (plain l1, no head pruning), gmp (gradual magnitude pruning) or dense",
     "target_sparsity": "ask for a sparsity (fraction, e.g. 0.9): alpha and beta are steered to it during "
     "training (neuroprune, l1); the final sparsity for gmp",
+    "target_flops": "ask for a compacted model whose attention + MLP blocks cost this fraction of the "
+    "dense blocks' FLOPs at 128 tokens (e.g. 0.5): whole neurons, heads and input dims are removed on "
+    "a schedule (neuroprune); instead of --target-sparsity",
     "target_heads": "neuroprune with --target-sparsity: end with this many attention heads (theta is "
     "steered; head-pruning passes every few steps unless --prune-every-steps is given)",
     "distill_from": "recovery by distillation (opt-in): a fine-tuned dense teacher, the --output-dir of a "
@@ -204,6 +207,8 @@ def run(args: argparse.Namespace) -> int:
                 "run_dir": str(result.run_dir),
                 **shown,
                 "sparsity": round(result.sparsity["sparsity"], 4),
+                "flops_fraction": round(result.sparsity["flops_fraction"], 4),
+                "params_compacted": result.sparsity["params_compacted"],
                 "heads_kept": result.sparsity["heads_kept"],
                 "heads_total": result.sparsity["heads_total"],
                 "train_seconds": round(result.train_seconds, 1),

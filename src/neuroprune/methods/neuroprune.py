@@ -219,7 +219,8 @@ class NeuroPrune(PenaltyMethod):
         """The paper's mechanisms as unit scores (higher = keep), each of power 1 in the weights
         so that kinds compare after `structural.normalise`: a neuron's fractional degree (section
         1) times the geometric mean of its fan-in and fan-out l1 norms; an input dim's [Q, K, V]
-        group l1 over the groups still present (the group of the l_{1,0.5} term, section 2); a
+        group l1 over the groups still present, per row (the group of the l_{1,0.5} term, section
+        2; per row, so that a block that lost groups is not made to look weak); a
         key/value group's geometric mean of its output-projection and Q/K/V block l1 norms."""
         eps = self.config.eps
         neurons = []
@@ -231,7 +232,7 @@ class NeuroPrune(PenaltyMethod):
         groups, inputs = [], []
         for b, unit in enumerate(self.index.attention):
             rows = alive_rows(unit, removed.groups.get(b, []))
-            inputs.append(sum(r.abs().sum(0) for r in rows))
+            inputs.append(sum(r.abs().sum(0) for r in rows) / sum(r.shape[0] for r in rows))
             o = weight_matrix(unit.o).detach().abs()
             out = torch.stack([o[:, unit.query_rows([g])].sum() for g in range(unit.num_kv_heads)])
             groups.append((out * unit.group_blocks().abs().sum(1)).sqrt())

@@ -63,10 +63,11 @@ class PenaltyMethod(SparsityMethod):
         self.base = {w: getattr(self.config, w, 0.0) for w in ("alpha", "beta")}
         self.weights = dict(self.base)
         self.parts = [p for p in self.define_parts() if self.base[p.weight] > 0]
-        if target is not None and not self.parts:
+        steered = target is not None and target.sparsity is not None  # a FLOP target is structural
+        if steered and not self.parts:
             raise ConfigError("a target sparsity needs alpha or beta > 0: the controller scales them.")
-        self.controllers = {p.name: TargetController(target) for p in self.parts} if target else {}
-        self.proximal = target is not None if proximal is None else proximal
+        self.controllers = {p.name: TargetController(target) for p in self.parts} if steered else {}
+        self.proximal = steered if proximal is None else proximal
         self.scales = {p.name: 1.0 for p in self.parts}
         self.counts: dict[str, tuple[int, int]] | None = None  # near-zero counts at the last step
         self.zeros = ZeroMasks(self.index)
@@ -108,7 +109,7 @@ class PenaltyMethod(SparsityMethod):
 
     @property
     def holding(self) -> bool:
-        return self.target is not None and self.target.hold
+        return self.target is not None and self.target.sparsity is not None and self.target.hold
 
     def overall_target(self, step: int) -> float:
         """The scheduled section 5 sparsity for `step`."""

@@ -80,6 +80,8 @@ def alive_rows(unit: AttentionUnit, removed_groups: list[int]) -> tuple[torch.Te
     """The Q, K, V rows (head-major, `(rows, in)`) of the groups still present."""
     keep = [g for g in range(unit.num_kv_heads) if g not in set(removed_groups)] or [0]
     q, k, v = (m.detach() for m in unit.qkv_matrices())
+    if getattr(unit, "multi_query", False):  # one key/value head shared by every group
+        return q[unit.query_rows(keep)], k, v
     kv = head_rows(keep, unit.head_dim)
     return q[unit.query_rows(keep)], k[kv], v[kv]
 
@@ -87,7 +89,8 @@ def alive_rows(unit: AttentionUnit, removed_groups: list[int]) -> tuple[torch.Te
 @torch.no_grad()
 def magnitude_scores(index: ModelIndex, removed: Removed | None = None) -> UnitScores:
     """Plain norms (the structured-magnitude baseline): a neuron's fan-in row norm (gate and up
-    rows together), a group's output-projection slice norm, an input dim's q/k/v column norm."""
+    rows together), a group's output-projection slice norm, an input dim's q/k/v column norm (over
+    the rows of the groups present, per row)."""
     removed = removed or Removed()
     neurons = [torch.cat(u.expand_matrices(), 1).detach().norm(dim=1) for u in index.mlps]
     groups, inputs = [], []
@@ -95,7 +98,8 @@ def magnitude_scores(index: ModelIndex, removed: Removed | None = None) -> UnitS
         o = weight_matrix(unit.o).detach()
         groups.append(torch.stack([o[:, unit.query_rows([g])].norm() for g in range(unit.num_kv_heads)]))
         rows = alive_rows(unit, removed.groups.get(b, []))
-        inputs.append(torch.cat(rows, 0).norm(dim=0))
+        stacked = torch.cat(rows, 0)
+        inputs.append(stacked.norm(dim=0) / stacked.shape[0] ** 0.5)  # per row: blocks compare
     return UnitScores(neurons, groups, inputs)
 
 
@@ -136,7 +140,8 @@ class _Budget:
         for b, p in enumerate(now.attention):
             unit, shape = p.unit, planned_attention(p)
             group_q = unit.group_size * unit.head_dim
-            projections_ = shape.d_in * (group_q + 2 * unit.head_dim) + group_q * shape.d_out
+            group_kv = 0 if getattr(unit, "multi_query", False) else unit.head_dim  # MQA: shared k/v
+            projections_ = shape.d_in * (group_q + 2 * group_kv) + group_q * shape.d_out
             self.group_cost.append(two * projections_ + 4 * seq_len**2 * group_q)
             gone = set(removed.groups.get(b, []))
             if p.keep_groups is not None:
@@ -204,15 +209,24 @@ def select_to_budget(index: ModelIndex, scores: UnitScores, budget: int, seq_len
                 candidates += _of_kind(values, account.gone(kind, b), kind, b)
     candidates.sort(key=lambda c: c.score)
     saved = 0
+    too_big: list[Candidate] = []
     for c in candidates:
         if saved >= need:
             break
         gain = account.saving(c.kind, c.block)
+        if gain is not None and saved + gain > room:
+            too_big.append(c)
         if gain is None or saved + gain > room:
             continue
         account.take(c.kind, c.block)
         saved += gain
         chosen.add(c.kind, c.block, [c.position])
+    if saved < need and too_big:  # coarse units left: take the one that lands closest, if closer
+        gains = [(account.saving(c.kind, c.block), c) for c in too_big]
+        gain, c = min(((g, c) for g, c in gains if g is not None), key=lambda x: x[0], default=(None, None))
+        if gain is not None and saved + gain - need < need - saved:
+            account.take(c.kind, c.block)
+            chosen.add(c.kind, c.block, [c.position])
     for b in list(chosen.inputs):
         if account.below_threshold(b):
             del chosen.inputs[b]

@@ -57,6 +57,7 @@ class TrainSettings:
     method: str = "neuroprune"  # neuroprune, l1, gmp or dense (neuroprune.methods)
     target_sparsity: float | None = None  # fraction; alpha / beta are then steered to reach it
     target_heads: int | None = None  # neuroprune: theta steered to end with this many heads
+    target_flops: float | None = None  # fraction of the dense blocks' FLOPs (structural; not with sparsity)
     distill_from: str | None = None  # dense teacher (run dir or model folder): recovery by distillation
     distill_temperature: float = 2.0
     distill_weight: float = 0.5  # share of the loss taken by the teacher's soft targets
@@ -101,7 +102,7 @@ class TrainSettings:
             raise ConfigError(f"task={self.task!r} is not one of {', '.join(KINDS)}.")
         self.method_config()
         check_distill_values(self.distill_temperature, self.distill_weight, self.distill_hidden_weight)
-        check_method(self.method, self.target_sparsity, self.target_heads)
+        check_method(self.method, self.target_sparsity, self.target_heads, self.target_flops)
 
     def method_config(self) -> MethodConfig:
         """The config of `method` (its own class) from the settings of the same name: l1 takes

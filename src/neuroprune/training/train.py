@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from neuroprune.compaction import flop_count
 from neuroprune.distributed import is_main_process
 from neuroprune.errors import ConfigError
 from neuroprune.integrations.distill import Distiller
@@ -87,7 +88,7 @@ def train_run(s: TrainSettings, callbacks: list | None = None, quiet: bool = Fal
     splits, task, fields = prepare_data(s)
     model, tokenizer = load_model(s.model, task)
     method = build_method(s.method, model, s.method_config(), s.target_sparsity, s.prune_every_steps,
-                          target_heads=s.target_heads)
+                          target_heads=s.target_heads, target_flops=s.target_flops)
     distiller = (Distiller.from_source(s.distill_from, model, tokenizer, s.distill_temperature,
                                        s.distill_weight, s.distill_hidden_weight)
                  if s.distill_from else None)  # refused here, before any training, if it cannot teach
@@ -122,9 +123,10 @@ def train_run(s: TrainSettings, callbacks: list | None = None, quiet: bool = Fal
         **method.summary(),
     )
     report = method.sparsity_report()
-    run.write(SPARSITY_FILE, {**report.to_dict(), **method.summary()})
+    figures = {**report.to_dict(), **flop_count(method).to_dict()}  # size and cost once compacted
+    run.write(SPARSITY_FILE, {**figures, **method.summary()})
     if is_main_process():
         method.save_pretrained(run.model, tokenizer)
     if not quiet:
         print(report.to_markdown().split("\n")[0])
-    return RunResult(run.path, task, final, test, report.to_dict(), train_seconds, recorder.records)
+    return RunResult(run.path, task, final, test, figures, train_seconds, recorder.records)
