@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from neuroprune import ModelIndex, NeuroPrune, NeuroPruneConfig, UnsupportedArchitectureError
+from neuroprune import ConfigError, ModelIndex, NeuroPrune, NeuroPruneConfig, UnsupportedArchitectureError
 
 from tiny import FAMILIES, tiny_model
 
@@ -143,3 +143,96 @@ def test_user_layout_maps_an_unknown_model_and_prunes_it_exactly():
     assert pruner.prune_redundant_heads() == {"blocks.0": [0]}
     assert model.blocks[0].n_heads == 1  # head-count attribute kept consistent
     assert torch.allclose(model(x), before, atol=1e-6)
+
+
+# --- coverage: partial mappings, missing attention, per-head terms, layouts from a config file ---
+
+class _FusedAttention(nn.Module):
+    """An attention module whose [q | k | v] order cannot be told from shapes."""
+
+    def __init__(self):
+        super().__init__()
+        self.wqkv, self.wo = nn.Linear(32, 96), nn.Linear(32, 32)
+
+
+def test_attention_found_in_some_layers_only_is_refused():
+    model = tiny_model("llama")
+    model.model.layers[1].self_attn = _FusedAttention()
+    with pytest.raises(UnsupportedArchitectureError) as err:
+        ModelIndex(model)
+    text = str(err.value)
+    assert "'llama'" in text and "model.layers.1" in text and "partial mapping" in text
+    # leaving the layer out on purpose is fine
+    assert [u.name for u in ModelIndex(model, {"exclude_modules": r"layers\.1\."}).attention] == [
+        "model.layers.0.self_attn"
+    ]
+
+
+def test_model_without_attention_is_refused_unless_allowed(caplog):
+    model = tiny_model("llama")
+    for layer in model.model.layers:
+        layer.self_attn = _FusedAttention()
+    with pytest.raises(UnsupportedArchitectureError) as err:
+        NeuroPrune(model)
+    assert "no attention block was found" in str(err.value) and "allow_missing_attention" in str(err.value)
+    with caplog.at_level("WARNING"):
+        pruner = NeuroPrune(model, NeuroPruneConfig(allow_missing_attention=True))
+    assert "head removal are off" in caplog.text
+    assert pruner.index.attention == [] and len(pruner.index.mlps) == 2
+    assert pruner.regularization_loss().item() > 0 and pruner.prune_redundant_heads() == {}
+
+
+def test_unsliced_per_head_term_refuses_head_removal_before_training():
+    """A T5 under an unknown model type: the generic q/k/v/o layout matches, but T5Attention
+    takes `position_bias` (built for all heads), which that layout cannot cut."""
+    model = tiny_model("t5")
+    model.config.model_type = "t5-like"
+    with pytest.raises(UnsupportedArchitectureError) as err:
+        NeuroPrune(model)
+    text = str(err.value)
+    assert "'t5-like'" in text and "'position_bias'" in text and "prune_heads=False" in text
+    pruner = NeuroPrune(model, NeuroPruneConfig(prune_heads=False))  # penalties, MLPs: fine
+    assert len(pruner.index.attention) == 6 and pruner.regularization_loss().item() > 0
+    with pytest.raises(UnsupportedArchitectureError):
+        pruner.index.attention[0].keep_groups([0])
+
+
+def test_layouts_from_a_config_file(tmp_path, caplog):
+    """`neuroprune train --config` reads attention_layouts / mlp_layouts (YAML lists of mappings,
+    or JSON strings) into the method's config."""
+    import argparse
+
+    from neuroprune.cli.train import register, resolve_settings
+
+    config = tmp_path / "run.yaml"
+    config.write_text("attention-layouts:\n  - {q: wq, k: wk, v: wv, o: wo}\n"
+                      "mlp_layouts: '[{\"up\": \"w1\", \"down\": \"w2\"}]'\n")
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    settings = resolve_settings(parser.parse_args(["train", "--config", str(config)]))
+    method_config = settings.method_config()
+    assert method_config.attention_layouts == [{"q": "wq", "k": "wk", "v": "wv", "o": "wo"}]
+    with caplog.at_level("WARNING"):
+        index = NeuroPrune(_Custom(), method_config).index
+    assert [u.layout.q for u in index.attention] == ["wq", "wq"] and "by the shapes" not in caplog.text
+    assert [m.layout.up for m in index.mlps] == ["w1", "w1"]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("attention_layouts:\n  - {q: wq, o: wo}\n")
+    with pytest.raises(ConfigError) as err:
+        resolve_settings(parser.parse_args(["train", "--config", str(bad)])).method_config()
+    assert "attention_layouts" in str(err.value) and "`q`, `k`, `v`" in str(err.value)
+
+
+def test_model_recognised_by_shapes_prunes_heads_exactly():
+    from tiny import duplicate_group
+
+    torch.manual_seed(0)
+    model = _Custom().eval()
+    pruner = NeuroPrune(model, NeuroPruneConfig(theta=1e-6))
+    for unit in pruner.index.attention:
+        duplicate_group(model, unit, 1, 0)
+    x = torch.randn(2, 5, 8)
+    before = model(x)
+    assert pruner.prune_redundant_heads() == {"blocks.0": [0], "blocks.1": [0]}
+    assert model.blocks[1].n_heads == 1
+    torch.testing.assert_close(model(x), before, atol=1e-6, rtol=0)

@@ -105,7 +105,10 @@ def neuron_constants(unit: MLPUnit) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def dead_groups(unit: AttentionUnit) -> list[int]:
-    """Current positions of key/value groups whose query heads write nothing (zero O columns)."""
+    """Current positions of key/value groups whose query heads write nothing (zero O columns);
+    none where the family's heads cannot be removed (`AttentionUnit.head_removal_refused`)."""
+    if unit.head_removal_refused:
+        return []
     o = weight_matrix(unit.o).detach()
     return [g for g in range(unit.num_kv_heads) if not o[:, unit.query_rows([g])].ne(0).any()]
 

@@ -66,6 +66,13 @@ HELP = {
     "the rest)",
     "distill_hidden_weight": "weight of the hidden-state MSE to the teacher (needs equal depth and width; "
     "0: off)",
+    "attention_layouts": "attention layouts for a model the registry does not know, as JSON, e.g. "
+    "'[{\"q\": \"wq\", \"k\": \"wk\", \"v\": \"wv\", \"o\": \"wo\"}]' (docs/architectures.md)",
+    "mlp_layouts": "MLP layouts as JSON, e.g. '[{\"up\": \"w1\", \"down\": \"w2\"}]'",
+    "attention_modules": "regex: only attention blocks whose name matches are pruned",
+    "mlp_modules": "regex: only MLPs whose name matches are pruned",
+    "exclude_modules": "regex: blocks whose name matches are left alone",
+    "allow_missing_attention": "accept a model whose attention is not found (MLPs only; a warning says so)",
     "save_steps": "checkpoint every N steps (0: at the end of every epoch)",
     "logging_steps": "log loss, penalties and sparsity every N steps",
     "generation_max_length": "seq2seq: longest generated output during evaluation",
@@ -74,6 +81,18 @@ HELP = {
     "resume": "continue the run in --output-dir from its last checkpoint",
     "overwrite": "replace an existing run in --output-dir",
 }
+
+
+JSON_SETTINGS = ("attention_layouts", "mlp_layouts")  # lists of dicts: JSON on the command line
+
+
+def _json_list(text: str) -> list[Any]:
+    """A JSON list (or one JSON object, as a list of one) from a flag or a config file string."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{text!r} is not valid JSON: {err}.") from None
+    return value if isinstance(value, list) else [value]
 
 
 def _base_type(annotation: Any) -> type:
@@ -98,7 +117,9 @@ def add_settings_arguments(parser: argparse.ArgumentParser, names: list[str] | N
             continue
         flag = "--" + name.replace("_", "-")
         help_text = f"{HELP.get(name, '')} (default: {getattr(defaults, name)!r})"
-        if kind is bool:
+        if name in JSON_SETTINGS:
+            parser.add_argument(flag, type=_json_list, default=None, metavar="JSON", help=help_text)
+        elif kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif kind is list:
             parser.add_argument(flag, nargs="+", default=None, metavar="FIELD", help=help_text)
@@ -145,6 +166,8 @@ def _coerce(name: str, value: Any, kind: type, source: str) -> Any:
     """YAML reads `1e-4` as a string and JSON has no int/float distinction: convert like argparse."""
     if value is None:
         return None
+    if name in JSON_SETTINGS:  # layout dicts as they are (checked by the method's config)
+        return _json_list(value) if isinstance(value, str) else value
     if kind is list:
         return [str(v) for v in value] if isinstance(value, list) else [str(value)]
     if kind is bool:

@@ -14,7 +14,7 @@ from torch import nn
 
 from neuroprune import distributed
 from neuroprune.config import NeuroPruneConfig
-from neuroprune.errors import ConfigError, DistributedError, NeuroPruneError
+from neuroprune.errors import ConfigError, DistributedError, NeuroPruneError, UnsupportedArchitectureError
 from neuroprune.methods.heads import group_distances, prune_unit, redundant_groups, similarity_from_distances
 from neuroprune.methods.penalties import attention_penalty, mlp_penalty, output_penalty
 from neuroprune.methods.penalty import Part, PenaltyMethod
@@ -68,6 +68,9 @@ class NeuroPrune(PenaltyMethod):
         if isinstance(every, bool) or not isinstance(every, int) or every < 0:
             raise NeuroPruneError(f"prune_every_steps must be a whole number >= 0, got {every!r}.")
         self.prune_every_steps = prune_every_steps
+        refused = [u.head_removal_refused for u in self.index.attention if u.head_removal_refused]
+        if refused and self.config.prune_heads:
+            raise UnsupportedArchitectureError(refused[0])
         self.theta = self.config.theta
         self.last_changes: list[ParamChange] = []
         self._pruned_at: int | None = None

@@ -41,6 +41,9 @@ ACTIVATION_ATTRS = ("act_fn", "act", "activation_fn", "activation", "intermediat
 SEQ2SEQ_CLASS_MARKS = ("ConditionalGeneration", "Seq2Seq")
 CAUSAL_LM_CLASS_MARKS = ("CausalLM", "LMHead")
 
+# Forward arguments that carry a per-head term the model computes once for all its heads (relative
+# position biases, ALiBi): a layout must say how to cut them (`head_bias_arg`) before heads go.
+PER_HEAD_ARGS = ("position_bias", "alibi", "relative_position_bias", "rel_pos_bias")
 # Where the heads sit in a per-head bias tensor (see `AttentionLayout.head_bias_dims`).
 BIAS_DIMS = ("batch,heads", "batch*heads", "heads")
 # Config attributes that give the hidden size (structural discovery).
@@ -357,7 +360,7 @@ def discover(
     mlps += _structural_mlps(model, attention, mlps)
     if not attention and not mlps:
         raise UnsupportedArchitectureError(_explain_unmapped(model))
-    check_coverage(model, attention, mlps, allow_missing_attention)
+    check_coverage(model, attention, mlps, allow_missing_attention, exclude_modules)
     guessed = [f.name for f in attention + mlps if f.structural]
     if guessed:
         logger.warning(
@@ -508,12 +511,14 @@ def _structural_mlps(model: nn.Module, attention: list[Found], mlps: list[Found]
 
 
 def check_coverage(model: nn.Module, attention: list[Found], mlps: list[Found],
-                   allow_missing_attention: bool = False) -> None:
+                   allow_missing_attention: bool = False, exclude_modules: str | None = None) -> None:
     """Refuse a partial mapping: every repeated layer of one list must have as many attention
-    blocks (and MLPs) as its siblings, and a model without any attention block is refused unless
-    `allow_missing_attention` (then head pruning and the attention penalty are off)."""
+    blocks (and MLPs) as its siblings (layers `exclude_modules` leaves out do not count), and a
+    model without any attention block is refused unless `allow_missing_attention` (then head
+    pruning and the attention penalty are off)."""
     for kind, blocks in (("attention", attention), ("MLP", mlps)):
-        for list_name, items in _layers(model):
+        for list_name, all_items in _layers(model):
+            items = [i for i in all_items if not (exclude_modules and re.search(exclude_modules, i + "."))]
             counts = [sum(_inside(b.name, [item]) for b in blocks) for item in items]
             if len(set(counts)) > 1:
                 missing = [item for item, c in zip(items, counts) if c < max(counts)]

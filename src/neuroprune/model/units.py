@@ -21,6 +21,7 @@ from neuroprune.model.architectures import (
     HEAD_COUNT_ATTRS,
     KV_GROUPS_ATTRS,
     KV_HEAD_COUNT_ATTRS,
+    PER_HEAD_ARGS,
     WIDTH_ATTRS,
     AttentionLayout,
     Found,
@@ -89,6 +90,29 @@ class AttentionUnit:
         self._full_bias: torch.Tensor | None = None
         self._hooks: list[Any] = []
         self._own_config = False
+        self.head_removal_refused = self._unsliced_head_terms(model_config)
+
+    def _unsliced_head_terms(self, model_config: Any) -> str:
+        """Why heads cannot be removed ('' when they can): the attention forward takes a per-head
+        term built for all heads that the layout does not say how to cut."""
+        try:
+            params = inspect.signature(self.core.forward).parameters
+        except (TypeError, ValueError):
+            return ""
+        sliced = (self.layout.head_bias_arg, self.layout.head_mask_arg)
+        unsliced = [a for a in PER_HEAD_ARGS if a in params and a not in sliced]
+        if not unsliced:
+            return ""
+        family = getattr(model_config, "model_type", None) or type(self.core).__name__
+        return (
+            f"model type {family!r}: head removal is not supported: the attention {self.name} "
+            f"({type(self.core).__name__}) takes {unsliced[0]!r}, a per-head term the model builds "
+            "for all its heads, and its layout does not say how to cut it to the heads a layer "
+            "keeps (removing a head would break the forward pass or shift the remaining heads' "
+            f"terms). Name it in an attention layout: {{..., 'head_bias_arg': {unsliced[0]!r}, "
+            "'head_bias_dims': 'batch,heads' | 'batch*heads' | 'heads'}, or train with "
+            "prune_heads=False (penalties and MLP pruning work)."
+        )
 
     # --- shapes -------------------------------------------------------------------------------
     def _kv_rows(self, q_rows: int) -> int:
@@ -194,6 +218,8 @@ class AttentionUnit:
     @torch.no_grad()
     def keep_groups(self, keep: list[int]) -> list[ParamChange]:
         """Physically keep only the groups at current positions `keep` (sorted)."""
+        if self.head_removal_refused and len(keep) < self.num_kv_heads:
+            raise UnsupportedArchitectureError(self.head_removal_refused)
         q_idx = self.query_rows(keep)
         kv_idx = self.kv_rows(keep)
         changes: list[ParamChange] = []

@@ -54,6 +54,13 @@ class TrainSettings:
     prune_heads: bool = True
     prune_every_steps: int = 0
     output_penalty: bool = False  # also penalise W^O (not in the paper; helps high targets)
+    # where the model's blocks are (docs/architectures.md): layouts the registry does not know, filters
+    attention_layouts: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    mlp_layouts: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    attention_modules: str | None = None
+    mlp_modules: str | None = None
+    exclude_modules: str | None = None
+    allow_missing_attention: bool = False  # prune the MLPs of a model whose attention is not found
     method: str = "neuroprune"  # neuroprune, l1, gmp or dense (neuroprune.methods)
     target_sparsity: float | None = None  # fraction; alpha / beta are then steered to reach it
     target_heads: int | None = None  # neuroprune: theta steered to end with this many heads
