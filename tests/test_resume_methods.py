@@ -29,6 +29,7 @@ KILL_AT = 14
 METHODS = {
     "neuroprune": dict(method="neuroprune", theta=0.2),  # the paper's mode: penalties in the loss
     "neuroprune-target": dict(method="neuroprune", target_sparsity=0.5, target_heads=5),
+    "neuroprune-flops": dict(method="neuroprune", target_flops=0.5),  # structural selection, masks
     "l1-target": dict(method="l1", target_sparsity=0.4),
     "gmp": dict(method="gmp", target_sparsity=0.6),
     "dense": dict(method="dense"),
@@ -83,6 +84,10 @@ def test_sigkill_then_resume_ends_with_the_uninterrupted_weights_and_state(setup
     if name == "gmp":  # the masks held through the resumed steps: every pruned weight still zero
         assert resumed.sparsity["sparsity"] == pytest.approx(0.6, abs=0.01)
         assert 0.5 < state_a["state"]["gmp_sparsity"] < 0.6  # masks of step 10 in force at 16
+    if name == "neuroprune-flops":  # units were removed on the schedule and held through the resume
+        removed = state_a["state"]["structural"]["removed"]
+        assert removed["neurons"] and state_a["state"]["structural"]["last_selection"] == 13
+        assert resumed.sparsity["flops_fraction"] == pytest.approx(0.5, abs=0.02)
     if name == "neuroprune-target":  # controllers, theta and heads really took part
         loops = state_a["state"]["controllers"]
         assert set(loops) == {"mlp", "attention"} and all(len(c["history"]) == 16 for c in loops.values())

@@ -147,7 +147,8 @@ class _Budget:
             if p.keep_groups is not None:
                 gone |= set(range(unit.num_kv_heads)) - set(p.keep_groups)
             self.groups_gone.append(gone)
-            self.groups_left.append(unit.num_kv_heads - len(gone))
+            refused = getattr(unit, "head_removal_refused", None)  # compact keeps such heads
+            self.groups_left.append(1 if refused else unit.num_kv_heads - len(gone))
             self.input_cost.append(two * (shape.q_rows + 2 * shape.kv_rows))
             dead = set(removed.inputs.get(b, [])) | set((input_scores[b] == 0).nonzero().flatten().tolist())
             self.inputs_gone.append(dead)
