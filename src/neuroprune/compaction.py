@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from neuroprune.errors import ConfigError
+from neuroprune.errors import ConfigError, UnsupportedArchitectureError
 from neuroprune.model import flops
 from neuroprune.model.index import ModelIndex
 from neuroprune.model.structure import (
@@ -38,7 +38,7 @@ from neuroprune.model.structure import (
     kept_outputs,
     projections,
 )
-from neuroprune.model.surgery import in_features, out_features, weight_matrix
+from neuroprune.model.surgery import head_rows, in_features, out_features, weight_matrix
 from neuroprune.model.units import AttentionUnit, MLPUnit
 
 
@@ -279,3 +279,176 @@ def compact(
     for unit in index.mlps:
         compact_mlp(unit, rule)
     return index
+
+
+# --- uniform compaction: a smaller model its family's stock config describes -----------------
+
+@dataclass
+class UniformResult:
+    """What `compact_uniform` kept: the key/value groups and neurons per block (the same in every
+    block), what the non-uniform compaction would have kept, and the config fields it changed."""
+
+    index: ModelIndex
+    groups: int
+    neurons: int
+    min_groups_needed: list[int]
+    min_neurons_needed: list[int]
+    config_changes: dict[str, int]
+
+
+@torch.no_grad()
+def _pad_groups(unit: AttentionUnit, target: int) -> None:
+    """Give a block whose heads were already removed `target` key/value groups again: the removed
+    groups come back with zero Q, K, V rows (and biases) and zero output-projection columns, so
+    they add exactly nothing."""
+    modules = [unit.q, unit.k, unit.v, unit.o]
+    if unit.qkv is not None or any(not isinstance(m, nn.Linear) for m in modules):
+        raise UnsupportedArchitectureError(
+            f"{unit.name}: uniform compaction re-adds removed heads only to separate q/k/v Linear "
+            "projections (Llama / Qwen2 / Mistral style)."
+        )
+    removed = [g for g in range(unit.original_kv_heads) if g not in unit.kept_groups]
+    back = removed[: target - unit.num_kv_heads]
+    groups = sorted(unit.kept_groups + back)
+    old = [groups.index(g) for g in unit.kept_groups]  # positions of the present groups
+    size = unit.group_size
+    for module, per_group, dim in ((unit.q, size, 0), (unit.k, 1, 0), (unit.v, 1, 0), (unit.o, size, 1)):
+        rows = head_rows([p * per_group + t for p in old for t in range(per_group)], unit.head_dim)
+        for name in ("weight", "bias"):
+            param = getattr(module, name)
+            if param is None or (name == "bias" and dim == 1):
+                continue
+            shape = list(param.shape)
+            shape[dim] = len(groups) * per_group * unit.head_dim
+            grown = param.new_zeros(shape)
+            grown.index_copy_(dim, rows.to(param.device), param.detach())
+            setattr(module, name, nn.Parameter(grown, requires_grad=param.requires_grad))
+        if dim == 0:
+            module.out_features = module.weight.shape[0]
+        else:
+            module.in_features = module.weight.shape[1]
+    unit.kept_groups = groups
+    unit._sync_attributes()
+
+
+def _stock_model(model: nn.Module, changes: dict[str, int]) -> tuple[Any, nn.Module]:
+    """The model's config with `changes`, and the stock model it describes (on the meta device);
+    refused where the family's config or model class does not accept the numbers."""
+    import copy
+
+    from huggingface_hub.errors import StrictDataclassError  # transformers 5 validates configs with it
+
+    config = copy.deepcopy(model.config)
+    try:
+        for key, value in changes.items():
+            setattr(config, key, value)
+        with torch.device("meta"):
+            return config, type(model)._from_config(config)
+    except (ValueError, TypeError, StrictDataclassError) as err:
+        raise UnsupportedArchitectureError(_refusal(model, f"its config refuses {changes} ({err})")) from None
+
+
+def _refusal(model: nn.Module, why: str) -> str:
+    return (f"uniform compaction: {type(model).__name__} cannot describe a uniformly narrower model, {why}. "
+            "Save the non-uniform compaction instead (neuroprune.load, or the Auto classes with "
+            "trust_remote_code=True).")
+
+
+def _check_shapes(model: nn.Module, stock: nn.Module) -> None:
+    own, built = model.state_dict(), stock.state_dict()
+    wrong = sorted(k for k in own.keys() | built.keys()
+                   if k not in own or k not in built or own[k].shape != built[k].shape)
+    if wrong:
+        raise UnsupportedArchitectureError(_refusal(model, f"its stock model differs at {wrong[:3]}"))
+
+
+def _head_fields(unit: AttentionUnit, groups: int) -> dict[str, int]:
+    """The config fields of `groups` key/value groups of `unit`'s shape in every layer."""
+    return {"num_attention_heads": groups * unit.group_size, "num_key_value_heads": groups,
+            "head_dim": unit.head_dim}
+
+
+def _accepted_groups(index: ModelIndex, groups: int) -> int:
+    """The fewest key/value groups >= `groups` that the family's config accepts: transformers'
+    `LlamaConfig` refuses a hidden size that is not a multiple of the head count even when
+    `head_dim` is given, so a few more (dead, exact) groups may have to stay."""
+    if not index.attention:
+        return groups
+    from huggingface_hub.errors import StrictDataclassError  # transformers 5 validates configs with it
+
+    unit, config = index.attention[0], index.model.config
+    for candidate in range(groups, unit.original_kv_heads + 1):
+        try:
+            type(config).from_dict({**config.to_dict(), **_head_fields(unit, candidate)})
+        except (ValueError, TypeError, StrictDataclassError):
+            continue
+        return candidate
+    return groups
+
+
+@torch.no_grad()
+def compact_uniform(model_or_index: nn.Module | ModelIndex | Any, config: Any = None,
+                    rule: CompactionRule | None = None) -> UniformResult:
+    """Compact so that every block keeps the same number of key/value groups and of MLP neurons,
+    and rewrite the model's config to those numbers: the result loads with the family's stock
+    class (serving engines), no remote code, no gathers or scatters.
+
+    Exact (outputs unchanged up to float rounding): each block keeps the most any block needs
+    (`rule.multiple_of` applies to neurons; groups are raised to a head count the config accepts);
+    where a block needs fewer it keeps some of its dead groups / neurons (they add exactly zero),
+    and blocks whose heads were already removed during training get zero groups back. Neurons
+    whose constant activation would have to be folded into a contract bias the config does not
+    have are kept. Returns the index of the re-based model (its structure is empty: the config
+    now describes it).
+    """
+    index = _index_of(model_or_index, config)
+    rule = rule or CompactionRule()
+    base = plan(index, CompactionRule(1.0, 1.0, rule.multiple_of))
+    needed_groups = [p.unit.num_kv_heads if p.keep_groups is None else len(p.keep_groups)
+                     for p in base.attention]
+    groups = _accepted_groups(index, max(needed_groups, default=0))
+    for p in base.mlps:
+        if p.adds_bias:  # would need a bias the config lacks: keep the neurons that need it
+            down = weight_matrix(p.unit.down).detach()
+            p.removable &= ~(down.ne(0).any(0) & p.constant.ne(0))
+        p.keep_rows = None
+    needed_neurons = [int((~p.removable).sum()) for p in base.mlps]
+    neurons = max(needed_neurons, default=0)
+    short = [p.unit.name for p in base.mlps if p.removable.numel() < neurons]
+    if short:
+        raise ConfigError(
+            f"{short[0]} has fewer than the {neurons} neurons another block keeps: the model was "
+            "compacted before. Run uniform compaction on the uncompacted model."
+        )
+    changes = {**(_head_fields(index.attention[0], groups) if index.attention else {}),
+               **({"intermediate_size": neurons} if index.mlps else {})}
+    new_config, stock = _stock_model(index.model, changes)  # refuses before anything changes
+    for p in base.attention:
+        _uniform_groups(p, groups)
+    for p in base.mlps:
+        kept = int((~p.removable).sum())
+        if kept < neurons:  # the strongest removable neurons stay (exact: a kept neuron is exact)
+            strength = weight_matrix(p.unit.down).detach().abs().sum(0)
+            spare = p.removable.nonzero().flatten()
+            p.removable[spare[strength[spare].argsort(descending=True)][: neurons - kept]] = False
+        apply_mlp_plan(p)
+    _check_shapes(index.model, stock)
+    index.model.config = new_config
+    fresh = ModelIndex(index.model, index.discovery)
+    return UniformResult(fresh, groups, neurons, needed_groups, needed_neurons, changes)
+
+
+def _uniform_groups(p: AttentionPlan, groups: int) -> None:
+    """Give one block exactly `groups` key/value groups: its live ones, then its strongest dead
+    ones (any would be exact), or zero groups where training already removed more."""
+    unit = p.unit
+    if unit.num_kv_heads < groups:
+        _pad_groups(unit, groups)
+        return
+    keep = p.keep_groups if p.keep_groups is not None else list(range(unit.num_kv_heads))
+    if len(keep) < groups:
+        norms = unit.group_blocks().norm(dim=1)
+        spare = sorted(set(range(unit.num_kv_heads)) - set(keep), key=lambda g: -float(norms[g]))
+        keep = sorted(keep + spare[: groups - len(keep)])
+    if len(keep) < unit.num_kv_heads:
+        unit.keep_groups(keep)

@@ -21,6 +21,7 @@ from torch import nn
 
 from neuroprune.errors import CheckpointError
 from neuroprune.files import atomic_dir, commit_dir, sha256
+from neuroprune.model.remote_code import stock_config, write_remote_code
 from neuroprune.version import __version__
 
 STRUCTURE_FILE = "neuroprune.json"
@@ -28,16 +29,19 @@ FORMAT_VERSION = 1
 
 
 def write_folder(model: nn.Module, directory: str | Path, meta: dict[str, Any],
-                 tokenizer: Any = None) -> Path:
+                 tokenizer: Any = None, hf_structure: dict[str, Any] | None = None) -> Path:
     """Save `model` (and `tokenizer`) to `directory` atomically, with `meta` plus the format
     version, the model type, every tensor's shape and every weights file's checksum in
-    `neuroprune.json`."""
+    `neuroprune.json`. `hf_structure` (`remote_code.hf_structure`: shapes the config cannot
+    describe) makes the folder load with the Auto classes and `trust_remote_code=True`."""
     target = Path(directory)
     tmp = atomic_dir(target)
     try:
         # keys as the modules name them (no legacy renaming such as GPT-NeoX lm_head -> embed_out),
         # so that `load_weights` can match them one to one
         model.save_pretrained(tmp, save_original_format=False)
+        if hf_structure:
+            write_remote_code(tmp, model, hf_structure)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         full = {
@@ -84,8 +88,8 @@ def build_model(directory: str | Path, meta: dict[str, Any], **model_kwargs: Any
     """A dense model of the saved config and architecture (random weights: the caller gives it
     the saved structure, then `load_weights`)."""
     try:
-        hf_config = transformers.AutoConfig.from_pretrained(directory)
-    except (OSError, ValueError) as err:
+        hf_config = stock_config(directory)
+    except (OSError, ValueError, KeyError) as err:
         raise CheckpointError(f"cannot read the model config in {directory}: {err}") from None
     cls = _model_class(meta)
     build = cls.from_config if hasattr(cls, "from_config") else cls._from_config

@@ -44,10 +44,10 @@ def load_model(name: str, task: Task) -> tuple[Any, Any]:
 def saved_task(path: Path, kind: str | None = None, name: str | None = None) -> Task:
     """The task a saved model was trained for, read from its config (labels in id order); a
     generating `kind` (seq2seq, causal_lm) given by the user wins. `name` is the metric convention."""
-    from transformers import AutoConfig
+    from neuroprune.model.remote_code import stock_config  # also reads folders with remote code
 
     try:
-        cfg = AutoConfig.from_pretrained(path)
+        cfg = stock_config(path)
     except (OSError, ValueError) as err:
         raise ModelError(f"cannot read the model config in {path}: {err}") from None
     if kind in ("seq2seq", "causal_lm"):
