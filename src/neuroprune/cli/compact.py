@@ -39,6 +39,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--multiple-of", type=int, default=None, metavar="N",
         help="keep neuron / contract-row counts at multiples of N (default 8; 1 = exact minimum)",
     )
+    parser.add_argument(
+        "--uniform", action="store_true",
+        help="keep the same number of heads / key-value groups and MLP neurons in every layer (the "
+        "most any layer needs; exact) and write them into the config, so that the family's stock "
+        "class loads the folder without remote code (Llama / Qwen2 / Mistral style decoders); no "
+        "gathered inputs or dropped rows",
+    )
     parser.add_argument("--no-verify", action="store_true", help="skip the before/after output check")
     parser.add_argument("--atol", type=float, default=1e-4, help="output check tolerance (default 1e-4)")
     parser.set_defaults(func=run)
@@ -47,7 +54,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from neuroprune.compaction import CompactionRule, compact
+    from neuroprune.compaction import CompactionRule, compact, compact_uniform
     from neuroprune.errors import NeuroPruneError
     from neuroprune.methods.registry import saved_config
     from neuroprune.model.checkpoint import read_meta
@@ -67,9 +74,18 @@ def run(args: argparse.Namespace) -> int:
     model = index.model
     dense = None if args.no_verify else copy.deepcopy(model)
     before = sum(p.numel() for p in model.parameters())
-    compact(index, rule=rule)
+    uniform = None
+    if args.uniform:
+        uniform = compact_uniform(index, rule=rule)
+        index = uniform.index  # the config now describes the model: nothing left to restore
+    else:
+        compact(index, rule=rule)
     after = sum(p.numel() for p in model.parameters())
     summary = {"parameters_before": before, "parameters_after": after, "parameter_ratio": after / before}
+    if uniform is not None:
+        summary["uniform"] = {"groups": uniform.groups, "neurons": uniform.neurons,
+                              "groups_needed": uniform.min_groups_needed,
+                              "neurons_needed": uniform.min_neurons_needed, "config": uniform.config_changes}
     if dense is not None:
         inputs = _check_inputs(model)
         with torch.no_grad():
@@ -90,6 +106,11 @@ def run(args: argparse.Namespace) -> int:
     index.save_pretrained(target, _tokenizer(source), extra={**provenance, "compaction": summary})
     print(f"compacted model saved to {target}: {before:,} -> {after:,} parameters ({after / before:.1%})"
           + (f", outputs within {summary['max_abs_diff']:.1e}" if "max_abs_diff" in summary else ""))
+    if uniform is not None:
+        print(f"  uniform: {uniform.groups} key/value groups and {uniform.neurons} neurons in every layer "
+              f"(layers need {min(uniform.min_groups_needed, default=0)}-{uniform.groups} groups, "
+              f"{min(uniform.min_neurons_needed, default=0)}-{uniform.neurons} neurons); the folder loads "
+              "with the stock transformers class")
     return 0
 
 

@@ -20,6 +20,7 @@ from torch import nn
 from neuroprune.errors import NeuroPruneError
 from neuroprune.model import checkpoint
 from neuroprune.model.architectures import discover
+from neuroprune.model.remote_code import hf_structure
 from neuroprune.model.sparsity import SparsityReport, report
 from neuroprune.model.structure import compaction_structure, restore_compaction
 from neuroprune.model.surgery import weight_matrix
@@ -146,7 +147,7 @@ class ModelIndex:
         `extra` adds keys to `neuroprune.json` (a method records its name and the config the user
         gave). `ModelIndex.from_pretrained` / `neuroprune.load` read it back."""
         meta = {"discovery": self.discovery, "structure": self.structure(), **(extra or {})}
-        return checkpoint.write_folder(self.model, directory, meta, tokenizer)
+        return checkpoint.write_folder(self.model, directory, meta, tokenizer, hf_structure(self))
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, **model_kwargs: Any) -> ModelIndex:
