@@ -117,7 +117,20 @@ def test_l1_method_never_removes_heads_and_dense_changes_nothing():
 def test_loss_mode_puts_penalty_in_loss_and_proximal_mode_does_not():
     model = tiny_model("bert")
     paper = build_method("neuroprune", model, NeuroPruneConfig(alpha=1e-2, beta=1e-2))
-    assert not paper.proximal and paper.regularization_loss().item() > 0
+    assert not paper.proximal
+    # the loss is the paper's alpha * R_MLP + beta * R_attn, by hand from the raw BERT weights
+    weights = dict(model.named_parameters())
+    r_mlp = r_attn = 0.0
+    for layer in range(2):
+        prefix = f"encoder.layer.{layer}."
+        for name in ("intermediate.dense.weight", "output.dense.weight"):  # expand, contract: (out, in)
+            w = weights[prefix + name].detach().double().abs()
+            degree = ((w >= 1e-4).sum(1) / w.shape[1]).clamp(min=1 / w.shape[1])
+            r_mlp += float((w.sum(1) / degree).sum())
+        qkv = [weights[f"{prefix}attention.self.{n}.weight"].detach().double().abs()
+               for n in ("query", "key", "value")]
+        r_attn += float(torch.sqrt(sum(m.sum(0) for m in qkv) + 1e-12).sum())
+    assert paper.regularization_loss().item() == pytest.approx(1e-2 * r_mlp + 1e-2 * r_attn, rel=1e-5)
     steered = build_method("neuroprune", model, NeuroPruneConfig(alpha=1e-2, beta=1e-2), target_sparsity=0.5)
     assert steered.proximal and not steered.regularization_loss().requires_grad
     assert len(steered.index.counted_weights()) == len(steered.index.counted_matrices()) == 2 * 6

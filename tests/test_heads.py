@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from neuroprune import NeuroPrune, NeuroPruneConfig, remap_optimizer
 from neuroprune.methods.heads import find_dominating, redundant_groups, similarity_graph
+from neuroprune.model.surgery import head_rows
 
 from tiny import DECODERS, FAMILIES, SEQ2SEQ, duplicate_group, main_output, tiny_inputs, tiny_model
 
@@ -121,15 +122,39 @@ def test_training_continues_after_removal(family):
         return loss
 
     step()
-    pruner.prune_redundant_heads()
+    separate = [u for u in pruner.index.attention if isinstance(u.q, torch.nn.Linear)]
+    moments = [{k: v.clone() for k, v in optimizer.state[u.q.weight].items()} for u in separate]
+    # one AdamW step moved each weight by at most ~lr: the copies are 2e-3 apart, other heads ~0.1
+    groups = [u.num_kv_heads for u in pruner.index.attention]
+    pruner.prune_redundant_heads(theta=1e-2)
+    assert [u.num_kv_heads for u in pruner.index.attention] == [g - 1 for g in groups]  # the copies only
     remap_optimizer(optimizer, pruner.last_changes)
     params = {id(p) for g in optimizer.param_groups for p in g["params"]}
     assert params == {id(p) for p in model.parameters()}
+    # the moments of the Q rows of the heads kept are those rows' moments from before the removal
+    for unit, before in zip(separate, moments):
+        rows = head_rows(unit.kept_heads, unit.head_dim)
+        state = optimizer.state[unit.q.weight]
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(state[key], before[key][rows])
+    # and the next step is AdamW's by hand on the remapped moments
+    optimizer.zero_grad()
+    (_loss(model, inputs) + pruner.regularization_loss()).backward()
+    group = optimizer.param_groups[0]
+    lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+    expected = {}
     for p in model.parameters():
+        if p.grad is None:
+            continue
         state = optimizer.state.get(p, {})
-        if "exp_avg" in state:
-            assert state["exp_avg"].shape == p.shape
-    assert torch.isfinite(step())
+        t = int(state["step"]) + 1 if "step" in state else 1
+        m = b1 * state.get("exp_avg", 0.0) + (1 - b1) * p.grad
+        v = b2 * state.get("exp_avg_sq", 0.0) + (1 - b2) * p.grad**2
+        update = (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + eps)
+        expected[p] = p.detach() * (1 - lr * wd) - lr * update
+    optimizer.step()
+    for p, value in expected.items():
+        assert torch.allclose(p.detach(), value, atol=1e-7, rtol=1e-5)
 
 
 def _loss(model, inputs):

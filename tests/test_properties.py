@@ -5,7 +5,9 @@ message, never anything else."""
 import copy
 import functools
 import math
+import re
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -62,10 +64,54 @@ def test_any_config_value_is_accepted_or_refused_with_our_error(values):
     except NeuroPruneError as err:
         _message_error(err)
         return
-    # an accepted config round-trips through its dict form and holds usable numbers
+    # an accepted config round-trips through its dict form, holds the values as given (nothing
+    # coerced), and every field the rules below judge was valid by them
     assert NeuroPruneConfig.from_dict(config.to_dict()) == config
-    assert config.theta > 0 and config.eps > 0 and config.alpha >= 0 and config.beta >= 0
-    assert all(math.isfinite(getattr(config, f)) for f in ("alpha", "beta", "theta", "eps", "tiny"))
+    given_as_is = {k: v for k, v in values.items() if not k.endswith("_layouts")}
+    assert {k: getattr(config, k) for k in given_as_is} == given_as_is
+    assert not broken_fields(values), f"accepted although {broken_fields(values)} break the documented rules"
+
+
+NUMBER_RULES = {"alpha": (0.0, True), "beta": (0.0, True), "theta": (0.0, False), "eps": (0.0, False),
+                "tiny": (0.0, False)}  # (lower bound, bound allowed), from the NeuroPruneConfig docs
+OTHER_RULES = {"merge": lambda v: v in MERGE_MODES, "prune_heads": lambda v: isinstance(v, bool),
+               "bogus_field": lambda v: False}  # no such field
+
+
+def broken_fields(values: dict) -> list[str]:
+    """The fields of `values` that break the documented rules, judged here independently of
+    `validate()` (numbers: finite, not bool, above the bound; merge one of the modes; prune_heads a
+    bool; no unknown field; a regex must compile)."""
+    bad = []
+    for name, value in values.items():
+        if name in NUMBER_RULES:
+            lower, inclusive = NUMBER_RULES[name]
+            number = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+            if not number or value < lower or (value == lower and not inclusive):
+                bad.append(name)
+        elif name in OTHER_RULES and not OTHER_RULES[name](value):
+            bad.append(name)
+        elif name.endswith("_modules") and value is not None:
+            try:
+                re.compile(value)
+            except (re.error, TypeError):
+                bad.append(name)
+    return bad
+
+
+@SETTINGS
+@given(values=config_values)
+def test_a_config_breaking_a_rule_is_refused_and_one_keeping_them_accepted(values):
+    layouts = {k: v for k, v in values.items() if k.endswith("_layouts")}
+    try:
+        NeuroPruneConfig.from_dict(values)
+        accepted = True
+    except NeuroPruneError:
+        accepted = False
+    if broken_fields(values):
+        assert not accepted
+    elif not any(layouts.values()):  # layouts have rules of their own (AttentionLayout.from_dict)
+        assert accepted == all(isinstance(v, list) for v in layouts.values())
 
 
 @settings(SETTINGS, max_examples=40)
@@ -81,6 +127,12 @@ def test_running_the_method_under_any_config_works_or_raises_our_error(values, f
     except NeuroPruneError as err:
         _message_error(err)
         return
-    assert 0.0 <= report.sparsity <= 1.0
+    # section 5 sparsity counted here: exact zeros (removed entries included) over the dense sizes
+    units = [*pruner.index.attention, *pruner.index.mlps]
+    dense = sum(sum(u.original_numel.values()) for u in units)
+    nonzero = sum(int((m != 0).sum()) for u in units for m in u.matrices().values())
+    assert report.sparsity == pytest.approx(1 - nonzero / dense, abs=1e-12)
+    for mat in pruner.index.counted_matrices(pruner.finalize_kinds):  # finalize left nothing below eps
+        assert not ((mat.abs() < pruner.config.eps) & (mat != 0)).any()
     with torch.no_grad():
         model(**tiny_inputs(family))  # whatever was removed, the model still runs

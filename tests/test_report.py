@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from pathlib import Path
 
+import numpy as np
+import powerlaw
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from neuroprune import NeuroPrune, NeuroPruneConfig
 from neuroprune.analysis.report import build_report
@@ -16,6 +20,17 @@ from neuroprune.cli import main
 from neuroprune.errors import ReportError
 
 from tiny import duplicate_group, tiny_model
+
+
+def hand_degree_counts(model_dir: Path, eps: float = 1e-4) -> tuple[np.ndarray, int]:
+    """Per MLP neuron of a saved tiny BERT, how many entries of its up row are >= eps in
+    magnitude (BERT's MLP is not gated: the up row is the neuron's whole fan-in), read from the
+    safetensors file without neuroprune; and the row length."""
+    weights = load_file(model_dir / "model.safetensors")
+    ups = [w for k, w in sorted(weights.items()) if k.endswith("intermediate.dense.weight")]
+    assert len(ups) == 2
+    counts = np.concatenate([(w.abs() >= eps).sum(1).numpy() for w in ups])
+    return counts, ups[0].shape[1]
 
 
 def make_run(root: Path, seed: int = 0, keep: float = 0.5, start_model: bool = True) -> Path:
@@ -86,8 +101,20 @@ def test_report_command_on_one_run(runs: tuple[Path, Path], tmp_path: Path, caps
     assert {tuple(e) for e in graph["edges"]} == {(0, 1), (0, 2), (1, 2)}
     assert len(run["head_importance"]["removed"]["values"]) == 3
     assert run["heavy_tail"]["pooled"]["testable"]
-    for comparison in run["heavy_tail"]["pooled"]["comparisons"]:
-        assert 0.0 <= comparison["p_value"] <= 1.0
+    # the fits redone here from the saved weights: the report must test these degrees (every MLP's
+    # up rows, |w| >= eps, row length as the bound), and report R and p of each alternative as is
+    counts, length = hand_degree_counts(runs[0] / "model")
+    alternatives = ("exponential", "lognormal")
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore")
+        fit = powerlaw.Fit(counts[counts > 0], discrete=True, xmax=length, verbose=False,
+                           parameter_ranges={"alpha": (1.0, 20.0)})
+        expected = [float(v) for alt in alternatives for v in fit.distribution_compare("power_law", alt)]
+    comparisons = run["heavy_tail"]["pooled"]["comparisons"]
+    assert [c["alternative"] for c in comparisons] == list(alternatives)
+    reported = [c[k] for c in comparisons for k in ("loglikelihood_ratio", "p_value")]
+    assert reported == pytest.approx(expected, rel=1e-9)
+    assert run["heavy_tail"]["pooled"]["xmin"] == fit.xmin
     # the starting model was on disk, so the dense reference is its (fully connected) degrees
     assert run["dense_reference"]["label"].startswith("dense reference: starting model")
     assert run["dense_reference"]["pooled_sd_percent"] < 1.0
@@ -117,7 +144,13 @@ def test_several_runs_compared(compared: Path) -> None:
     assert [r["name"] for r in stats["runs"]] == ["run0", "run1"]
     assert stats["runs"][1]["dense_reference"]["label"].startswith("dense reference: ideal spike at 1.0")
     sds = [r["neuron_degree"]["pooled"]["sd_percent"] for r in stats["runs"]]
-    assert all(sd > 5 for sd in sds)
+    # population SD (in %) of every neuron's fraction of surviving fan-in, from the saved weights
+    by_hand = []
+    for run in ("run0", "run1"):
+        counts, length = hand_degree_counts(Path(stats["runs"][int(run[-1])]["path"]) / "model")
+        by_hand.append(float(np.std(counts / length)) * 100)
+    assert sds == pytest.approx(by_hand, rel=1e-9)
+    assert sds[1] != pytest.approx(sds[0], rel=1e-3)  # the runs differ (keep 0.5 vs 0.2)
     assert (out / "run0_heads_removed.png").exists() and (out / "run1_heads_removed.png").exists()
     assert not list(out.glob(".*tmp*"))  # no temporary files left behind
 
