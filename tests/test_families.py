@@ -180,3 +180,35 @@ def test_penalties_finalize_compaction_and_reload(family, tmp_path):
     pruner.save_pretrained(tmp_path / "model")
     loaded = neuroprune.load(tmp_path / "model")
     torch.testing.assert_close(main_output(loaded, x), expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["phi3", "falcon-mq", "bloom", "deberta-v2"])
+def test_training_steps_across_a_head_removal(family):
+    """A plain loop (AdamW, the penalties in the loss) that removes a head mid-way: the optimiser
+    follows the fused / shared / per-head-positional surgery (remap_optimizer) and training goes
+    on with finite losses; the removed head's Adam moments are gone with its rows."""
+    model = tiny_model(family).train()
+    pruner = NeuroPrune(model, NeuroPruneConfig(alpha=1e-3, beta=1e-3, theta=1e-6))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x = tiny_inputs(family)
+
+    def step() -> float:
+        out = model(**x)
+        hidden = out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
+        loss = hidden.float().pow(2).mean() + pruner.regularization_loss()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        return float(loss.detach())
+
+    assert all(torch.isfinite(torch.tensor(step())) for _ in range(2))
+    for unit in pruner.index.attention:
+        duplicate_group(model, unit, src=1, dst=0)
+    removed = pruner.prune_redundant_heads()
+    assert removed and pruner.last_changes
+    kept_moments = {id(c.new): optimizer.state[c.old]["exp_avg"].index_select(c.dim, c.index.cpu())
+                    for c in pruner.last_changes}
+    neuroprune.remap_optimizer(optimizer, pruner.last_changes)
+    for change in pruner.last_changes:
+        assert torch.equal(optimizer.state[change.new]["exp_avg"], kept_moments[id(change.new)])
+    assert all(torch.isfinite(torch.tensor(step())) for _ in range(2))
