@@ -164,6 +164,15 @@ def test_bad_flop_targets_are_refused(kwargs, message):
         SparsityTarget(**kwargs)
 
 
+def test_a_target_below_what_the_model_can_reach_is_refused():
+    """Tiny BERT at 128 tokens: attention scores dominate, and every block keeps one of 4 heads."""
+    method = build_method("neuroprune", tiny_model("bert"), target_flops=0.1)
+    with pytest.raises(ConfigError, match="out of reach for this model.*below 18.5%.*ask for at least 0.19"):
+        method.on_train_begin(10, None)
+    fine = build_method("neuroprune", tiny_model("bert"), target_flops=0.25)
+    fine.on_train_begin(10, None)
+
+
 def test_bad_flop_settings_are_refused_before_any_model_loads(data, tmp_path, capsys):
     with pytest.raises(ConfigError, match="not both"):
         check_method("neuroprune", 0.5, None, 0.5)

@@ -26,8 +26,18 @@ from typing import Any
 import torch
 
 from neuroprune.compaction import CompactionRule, neuron_constants, plan
+from neuroprune.errors import ConfigError
 from neuroprune.methods.steering import SparsityTarget
-from neuroprune.model.flops import dense_flops, planned_attention, planned_flops, planned_mlp
+from neuroprune.model.flops import (
+    AttentionShape,
+    MLPShape,
+    dense_flops,
+    original_attention,
+    original_mlp,
+    planned_attention,
+    planned_flops,
+    planned_mlp,
+)
 from neuroprune.model.index import ModelIndex
 from neuroprune.model.structure import projections
 from neuroprune.model.surgery import head_rows, is_transposed, weight_matrix
@@ -328,8 +338,34 @@ class StructuralPruner:
         self.planned = 1.0
         self.dense = dense_flops(index, target.seq_len)
 
+    def smallest_fraction(self) -> float:
+        """The least FLOP fraction selection can reach: every block keeps one key/value group
+        (all of them where the family refuses head removal), one input dim (all without "inputs"
+        in `target.kinds`) and `rule.multiple_of` neurons (all without "neurons")."""
+        seq, kinds, least = self.target.seq_len, self.target.kinds, 0
+        for unit in self.index.attention:
+            full = original_attention(unit)
+            keep_all = "heads" not in kinds or getattr(unit, "head_removal_refused", None)
+            share = 1.0 if keep_all else 1 / unit.original_kv_heads
+            q_rows, kv_rows = round(full.q_rows * share), round(full.kv_rows * share)
+            d_in = full.d_in if "inputs" not in kinds else 1
+            least += AttentionShape(d_in, q_rows, max(kv_rows, unit.head_dim), full.d_out).flops(seq)
+        for unit in self.index.mlps:
+            full = original_mlp(unit)
+            neurons = full.neurons if "neurons" not in kinds else min(full.neurons, self.rule.multiple_of)
+            least += MLPShape(full.d_in, neurons, full.expand, full.rows).flops(seq)
+        return least / self.dense
+
     def begin(self, total_steps: int) -> None:
         """After any checkpoint's weights are loaded: rebuild and apply the masks."""
+        least = self.smallest_fraction()
+        if self.target.flops < least:
+            raise ConfigError(
+                f"target FLOPs {self.target.flops:g} is out of reach for this model: its blocks cannot "
+                f"be compacted below {least:.1%} of their dense FLOPs at {self.target.seq_len} tokens "
+                f"(every block keeps a head group, an input dim and {self.rule.multiple_of} neurons); "
+                f"ask for at least {math.ceil(least * 100) / 100:g}."
+            )
         self.total_steps = total_steps
         if not self.every:
             ramp = (self.target.ramp_end - self.target.ramp_begin) * total_steps
