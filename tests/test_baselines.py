@@ -9,9 +9,26 @@ import pytest
 import torch
 
 import textdata
-from neuroprune import GMP, ConfigError, GMPConfig, NeuroPruneConfig, SparsityTarget
+from neuroprune import (
+    GMP,
+    L1,
+    ConfigError,
+    DenseConfig,
+    GMPConfig,
+    L1Config,
+    NeuroPruneConfig,
+    SparsityTarget,
+)
 from neuroprune.cli import main
-from neuroprune.methods import METHODS, build_method, magnitude_mask, proximal_step
+from neuroprune.methods import (
+    METHODS,
+    build_method,
+    magnitude_mask,
+    method_config,
+    proximal_step,
+    saved_config,
+)
+from neuroprune.model.checkpoint import read_meta
 
 from tiny import tiny_inputs, tiny_model
 
@@ -190,3 +207,57 @@ def test_cli_method_and_target_recorded(tmp_path):
     assert main([*common, "--output-dir", str(out), "--method", "l1", "--target-sparsity", "0.5",
                  "--target-heads", "4"]) == 2
     assert main([*common, "--output-dir", str(out), "--method", "l1", "--target-sparsity", "90"]) == 2
+
+
+@pytest.mark.parametrize(
+    ("method", "flags", "expected"),
+    [
+        ("neuroprune", ["--target-sparsity", "0.3", "--target-heads", "6"],
+         NeuroPruneConfig(alpha=1e-3, beta=1e-3, theta=0.2)),
+        ("l1", ["--target-sparsity", "0.3"], L1Config(alpha=1e-3)),
+        ("gmp", ["--target-sparsity", "0.3"], GMPConfig()),
+        ("dense", [], DenseConfig()),
+    ],
+)
+def test_every_method_saves_its_own_config_and_its_run_loads_evaluates_compacts_reports(
+        tmp_path, method, flags, expected):
+    """One config class per method: the run folder records the method's own config (l1 has no
+    beta, dense no alpha) and reads it back as that class; then eval, compact and report work on
+    the run of every method."""
+    model = textdata.model_folder(tmp_path / "model", "bert")
+    files = textdata.splits(tmp_path / "data", textdata.sentiment_rows, sizes=(16, 8))
+    out = tmp_path / method
+    assert main(["train", "--model", str(model), "--train-file", str(files["train"]), "--validation-file",
+                 str(files["validation"]), "--epochs", "1", "--batch-size", "8", "--report-to", "none",
+                 "--alpha", "1e-3", "--beta", "1e-3", "--theta", "0.2", "--output-dir", str(out),
+                 "--method", method, *flags]) == 0
+    meta = read_meta(out / "model")
+    assert meta["method"] == method and meta["method_config"] == expected.to_dict()
+    loaded = saved_config(meta)
+    assert type(loaded) is type(expected) and loaded == expected
+    assert main(["eval", "--model", str(out), "--test-file", str(files["validation"]),
+                 "--output", str(tmp_path / "eval.json")]) == 0
+    evaluated = json.loads((tmp_path / "eval.json").read_text())
+    assert evaluated["sparsity"] == pytest.approx(json.loads((out / "sparsity.json").read_text())["sparsity"])
+    assert main(["compact", str(out)]) == 0
+    assert read_meta(out / "compact")["method_config"] == expected.to_dict()
+    assert main(["report", str(out), "--output", str(tmp_path / "report")]) == 0
+    stats = json.loads((tmp_path / "report" / "stats.json").read_text())
+    assert stats["runs"][0]["neuron_degree"]["eps"] == expected.eps
+
+
+def test_a_config_of_another_method_is_refused_by_the_class_and_converted_by_name():
+    with pytest.raises(ConfigError, match="L1 takes a L1Config, got a NeuroPruneConfig"):
+        L1(tiny_model("bert"), NeuroPruneConfig())
+    l1 = build_method("l1", tiny_model("bert"), NeuroPruneConfig(alpha=0.5, beta=0.25, eps=1e-3))
+    assert l1.config == L1Config(alpha=0.5, eps=1e-3) and l1.alpha == 0.5 and l1.beta == 0.0
+    assert method_config("gmp", {"interval": 3, "alpha": 1.0, "seed": 1}) == GMPConfig(interval=3)
+    with pytest.raises(ConfigError, match="interval must be a whole number"):
+        GMPConfig(interval=0)
+    with pytest.raises(ConfigError, match="alpha="):
+        L1Config(alpha=-1.0)
+    with pytest.raises(ConfigError, match="unknown L1Config field"):
+        L1Config.from_dict({"beta": 1.0})
+    # folders saved before per-method configs hold a full NeuroPruneConfig for every method
+    legacy = {"method": "l1", "neuroprune_config": NeuroPruneConfig(alpha=0.5).to_dict()}
+    assert saved_config(legacy) == L1Config(alpha=0.5)
