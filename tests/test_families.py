@@ -212,3 +212,25 @@ def test_training_steps_across_a_head_removal(family):
     for change in pruner.last_changes:
         assert torch.equal(optimizer.state[change.new]["exp_avg"], kept_moments[id(change.new)])
     assert all(torch.isfinite(torch.tensor(step())) for _ in range(2))
+
+
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_planned_parameter_count_matches_compaction(family):
+    """`compaction.plan` + `flops.removed_parameters` predict what `compact` removes, for the
+    fused, multi-query and per-head-projection layouts too (dead group 0, five dead input dims,
+    five dead neurons per block)."""
+    from neuroprune.compaction import plan
+    from neuroprune.model.flops import removed_parameters
+
+    model = tiny_model(family)
+    pruner = NeuroPrune(model)
+    kill(pruner.index)
+    with torch.no_grad():
+        for unit in pruner.index.attention:
+            for module in (unit.qkv,) if unit.qkv is not None else (unit.q, unit.k, unit.v):
+                weight_matrix(module)[:, :5] = 0
+    rule = CompactionRule(min_input_fraction=0.1, min_row_fraction=1.0, multiple_of=1)
+    predicted = removed_parameters(plan(pruner.index, rule))
+    before = sum(p.numel() for p in model.parameters())
+    neuroprune.compact(pruner, rule=rule)
+    assert before - sum(p.numel() for p in model.parameters()) == predicted > 0

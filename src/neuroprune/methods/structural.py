@@ -40,7 +40,7 @@ from neuroprune.model.flops import (
 )
 from neuroprune.model.index import ModelIndex
 from neuroprune.model.structure import projections
-from neuroprune.model.surgery import head_rows, is_transposed, weight_matrix
+from neuroprune.model.surgery import is_transposed, weight_matrix
 from neuroprune.model.units import AttentionUnit
 
 SELECTIONS_PER_RAMP = 20  # default number of selections inside the ramp
@@ -92,7 +92,7 @@ def alive_rows(unit: AttentionUnit, removed_groups: list[int]) -> tuple[torch.Te
     q, k, v = (m.detach() for m in unit.qkv_matrices())
     if getattr(unit, "multi_query", False):  # one key/value head shared by every group
         return q[unit.query_rows(keep)], k, v
-    kv = head_rows(keep, unit.head_dim)
+    kv = unit.kv_rows(keep)  # one shared K/V head under multi-query attention
     return q[unit.query_rows(keep)], k[kv], v[kv]
 
 

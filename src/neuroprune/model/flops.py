@@ -164,12 +164,16 @@ def removed_parameters(plan: Any) -> int:
             removed += weight - rows_after * after.d_in  # all q/k/v projections read the same inputs
             removed += (rows - rows_after) if bias else 0
         removed += now.d_out * (now.q_rows - after.q_rows)
+        for module in unit.head_projections:  # per-head rows besides q/k/v (DeBERTa positional)
+            weight, bias = _numel(module)
+            removed += (now.q_rows - after.q_rows) * (weight // out_features(module) + (1 if bias else 0))
     for p in plan.mlps:
         unit, now, after = p.unit, current_mlp(p.unit), planned_mlp(p)
         for module in (unit.gate, unit.up):
             if module is not None:
                 weight, bias = _numel(module)
-                removed += (now.neurons - after.neurons) * (now.d_in + (1 if bias else 0))
+                halves = 2 if unit.fused and module is unit.up else 1  # fused [gate | up]: 2 rows a neuron
+                removed += halves * (now.neurons - after.neurons) * (now.d_in + (1 if bias else 0))
         _, bias = _numel(unit.down)
         removed += now.neurons * now.rows - after.neurons * after.rows
         removed += (now.rows - after.rows) if bias else 0
