@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from neuroprune.model.sparsity import row_degree
+from neuroprune.model.sparsity import degree_of_sizes, row_degree  # noqa: F401 (row_degree: re-exported)
 from neuroprune.model.surgery import weight_matrix
 from neuroprune.model.units import AttentionUnit, MLPUnit
 
@@ -13,8 +13,9 @@ def preferential_attachment_l1(mats: list[torch.Tensor], eps: float) -> torch.Te
     """R = sum_i |row_i|_1 / max(degree_i, 1/row_length): weakly connected rows pay more per unit
     of weight, so they die first. The degree is a constant (no gradient flows through it)."""
     length = sum(m.shape[1] for m in mats)
-    weight = 1.0 / row_degree(mats, eps).clamp(min=1.0 / length)
-    l1 = sum(m.abs().sum(1) for m in mats)
+    sizes = [m.abs() for m in mats]  # shared by the l1 and the degree
+    weight = 1.0 / degree_of_sizes([s.detach() for s in sizes], eps).clamp(min=1.0 / length)
+    l1 = sum(s.sum(1) for s in sizes)
     return (l1 * weight).sum()
 
 

@@ -195,13 +195,15 @@ class TargetController:
         s = self.settings
         return cubic_schedule(step, total_steps, s.sparsity, 0.0, s.ramp_begin, s.ramp_end)
 
-    def update(self, step: int, total_steps: int, measured: float, target: float | None = None) -> float:
+    def update(self, step: int, total_steps: int, measured: float, target: float | None = None,
+               steps: int = 1) -> float:
         """`target` overrides the schedule's value for this step (a part of the model steered to
-        its share of the overall target)."""
+        its share of the overall target). `steps`: optimiser steps since the last update (a
+        method that measures every k steps), each integrating this error."""
         s = self.settings
         target = self.target_at(step, total_steps) if target is None else target
         error = target - measured
-        self.log_scale += max(-s.max_rate, min(s.max_rate, s.ki * error))
+        self.log_scale += steps * max(-s.max_rate, min(s.max_rate, s.ki * error))
         low, high = math.log(s.min_scale), math.log(s.max_scale)
         self.log_scale = max(low, min(high, self.log_scale))
         scale = math.exp(max(low, min(high, self.log_scale + s.kp * error)))

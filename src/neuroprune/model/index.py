@@ -74,14 +74,21 @@ class ModelIndex:
                           ) -> dict[str, tuple[int, int]]:
         """(zeros after `finalize(eps, finalized)`, dense entries) per matrix kind over all
         blocks, against the dense shapes: removed entries, plus |w| < eps in the kinds
-        `finalized` (all when None) and exact zeros in the others."""
+        `finalized` (all when None) and exact zeros in the others. One host-device
+        synchronisation for all matrices (the counts stay on the device until then)."""
         counts: dict[str, tuple[int, int]] = {}
+        keys, small = [], []
         for unit in [*self.attention, *self.mlps]:
             for key, mat in unit.matrices().items():
                 dense = unit.original_numel[key]
-                small = mat.abs() < eps if finalized is None or key in finalized else mat == 0
+                exact = finalized is not None and key not in finalized
+                small.append((mat == 0).sum() if exact else (mat.abs() < eps).sum())
+                keys.append(key)
                 zeros, total = counts.get(key, (0, 0))
-                counts[key] = (zeros + dense - mat.numel() + int(small.sum()), total + dense)
+                counts[key] = (zeros + dense - mat.numel(), total + dense)
+        for key, n in zip(keys, torch.stack(small).tolist() if small else []):
+            zeros, total = counts[key]
+            counts[key] = (zeros + n, total)
         return counts
 
     @torch.no_grad()
