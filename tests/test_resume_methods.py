@@ -32,6 +32,7 @@ METHODS = {
     "neuroprune-flops": dict(method="neuroprune", target_flops=0.5),  # structural selection, masks
     "l1-target": dict(method="l1", target_sparsity=0.4),
     "gmp": dict(method="gmp", target_sparsity=0.6),
+    "structured": dict(method="structured", target_flops=0.5),  # removed units held by masks
     "dense": dict(method="dense"),
 }
 
@@ -88,6 +89,10 @@ def test_sigkill_then_resume_ends_with_the_uninterrupted_weights_and_state(setup
         removed = state_a["state"]["structural"]["removed"]
         assert removed["neurons"] and state_a["state"]["structural"]["last_selection"] == 13
         assert resumed.sparsity["flops_fraction"] == pytest.approx(0.5, abs=0.02)
+    if name == "structured":  # removals held through the resume; the ramp's last selection
+        # (step 13 = ceil(0.7 * 18)) falls between checkpoint-12 and the kill: the resumed run redid it
+        assert state_a["state"]["structural"]["removed"]["neurons"]
+        assert state_a["state"]["structural"]["last_selection"] == 13
     if name == "neuroprune-target":  # controllers, theta and heads really took part
         loops = state_a["state"]["controllers"]
         assert set(loops) == {"mlp", "attention"} and all(len(c["history"]) == 16 for c in loops.values())

@@ -51,7 +51,8 @@ HELP = {
     "prune_every_steps": "also prune heads every N optimiser steps (0: only at epoch ends)",
     "output_penalty": "also put the MLP-style row penalty (alpha) on the attention output projection; "
     "not in the paper, needed for targets of ~90%% and above",
-    "method": "neuroprune, l1 (plain l1, no head pruning), gmp (gradual magnitude pruning) or dense",
+    "method": "neuroprune, l1 (plain l1, no head pruning), gmp (gradual magnitude pruning), structured "
+    "(structured magnitude pruning of neurons, heads and input dims; needs --target-flops) or dense",
     "target_sparsity": "ask for a sparsity (fraction, e.g. 0.9): alpha and beta are steered to it during "
     "training (neuroprune, l1); the final sparsity for gmp",
     "target_flops": "ask for a compacted model whose attention + MLP blocks cost this fraction of the "

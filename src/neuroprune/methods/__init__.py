@@ -14,9 +14,11 @@ from neuroprune.methods.registry import (
     method_config,
     saved_config,
 )
+from neuroprune.methods.structured import StructuredConfig, StructuredMagnitude
 
 __all__ = [
     "GMP", "L1", "METHODS", "REGISTRY", "Dense", "DenseConfig", "GMPConfig", "L1Config", "NeuroPrune",
     "PenaltyMethod", "SparsityMethod", "build_method", "check_method", "config_class", "magnitude_mask",
-    "method_config", "proximal_step", "saved_config", "step_factor",
+    "method_config", "proximal_step", "saved_config", "step_factor", "StructuredConfig",
+    "StructuredMagnitude",
 ]

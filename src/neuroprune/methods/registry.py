@@ -14,10 +14,12 @@ from neuroprune.methods.base import SparsityMethod
 from neuroprune.methods.baselines import GMP, L1, Dense
 from neuroprune.methods.neuroprune import NeuroPrune
 from neuroprune.methods.steering import SparsityTarget
+from neuroprune.methods.structured import StructuredMagnitude
 
-REGISTRY: dict[str, type[SparsityMethod]] = {"neuroprune": NeuroPrune, "l1": L1, "gmp": GMP, "dense": Dense}
+REGISTRY: dict[str, type[SparsityMethod]] = {"neuroprune": NeuroPrune, "l1": L1, "gmp": GMP, "dense": Dense,
+                                              "structured": StructuredMagnitude}
 METHODS: tuple[str, ...] = tuple(REGISTRY)
-FLOP_TARGET_METHODS = {"neuroprune"}  # methods that take --target-flops (structural selection)
+FLOP_TARGET_METHODS = {"neuroprune", "structured"}  # methods that take --target-flops (structural selection)
 
 
 def check_method(name: str, target_sparsity: float | None, target_heads: int | None = None,
@@ -44,6 +46,11 @@ def check_method(name: str, target_sparsity: float | None, target_heads: int | N
             raise ConfigError("--target-heads needs --target-sparsity too (the heads ramp with it).")
     if target_sparsity is not None:
         SparsityTarget(target_sparsity, heads=target_heads)
+    if name == "structured" and target_flops is None:
+        raise ConfigError(
+            "--method structured removes whole units to a FLOP budget: give --target-flops F (e.g. 0.5), "
+            "not --target-sparsity; for magnitude pruning to an element sparsity use --method gmp."
+        )
     if name == "gmp" and target_sparsity is None:
         raise ConfigError("--method gmp needs --target-sparsity (the sparsity to prune to).")
     if name == "dense" and target_sparsity is not None:
@@ -108,6 +115,6 @@ def build_method(
         target = SparsityTarget(flops=flops)
     if name == "neuroprune":
         return NeuroPrune(model, own, target, prune_every_steps, **kwargs)
-    if name in ("l1", "gmp"):
+    if name in ("l1", "gmp", "structured"):
         return REGISTRY[name](model, own, target, **kwargs)
     return REGISTRY[name](model, own, **kwargs)
