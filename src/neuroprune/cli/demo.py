@@ -18,17 +18,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "removed and training time for both. Each run is a normal run directory under --output-dir.",
     )
     defaults = DemoSettings()
-    for f in dataclasses.fields(DemoSettings):
-        value = getattr(defaults, f.name)
+    own = {f.name: getattr(defaults, f.name) for f in dataclasses.fields(DemoSettings)}
+    training = own.pop("training")  # the TrainSettings values the demo changes: flags too
+    for name, value in {**own, **training}.items():
         parser.add_argument(
-            "--" + f.name.replace("_", "-"), type=type(value), default=value, help=f"(default: {value})"
+            "--" + name.replace("_", "-"), type=type(value), default=value, help=f"(default: {value})"
         )
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from neuroprune.training.demo import DemoSettings, run_demo
+    from neuroprune.training.demo import TRAINING, DemoSettings, run_demo
 
-    names = {f.name for f in dataclasses.fields(DemoSettings)}
-    run_demo(DemoSettings(**{k: v for k, v in vars(args).items() if k in names}))
+    names = {f.name for f in dataclasses.fields(DemoSettings)} - {"training"}
+    given = vars(args)
+    run_demo(DemoSettings(**{k: v for k, v in given.items() if k in names},
+                          training={k: given[k] for k in TRAINING}))
     return 0
