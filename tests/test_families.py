@@ -234,3 +234,35 @@ def test_planned_parameter_count_matches_compaction(family):
     before = sum(p.numel() for p in model.parameters())
     neuroprune.compact(pruner, rule=rule)
     assert before - sum(p.numel() for p in model.parameters()) == predicted > 0
+
+
+@pytest.mark.parametrize("family", ["phi3", "falcon-mq", "mpt"])
+def test_training_run_end_to_end(family, tmp_path):
+    """`neuroprune train` (train_run) on a causal LM of the new layouts: trains with the
+    penalties, removes heads at the epoch end, finalizes, saves; the saved folder reloads with
+    the trained weights and the heads the run kept."""
+    import json
+
+    from safetensors.torch import load_file
+
+    import textdata
+    from neuroprune.training.settings import TrainSettings
+    from neuroprune.training.train import train_run
+
+    config = tiny_model(family).config
+    config.update({"pad_token_id": 0, "eos_token_id": 5, "bos_token_id": 2})
+    folder = tmp_path / "model"
+    type(tiny_model(family))(config).save_pretrained(folder)
+    textdata.tokenizer("decoder").save_pretrained(folder)
+    files = textdata.splits(tmp_path / "data", textdata.lm_rows)
+    settings = TrainSettings(model=str(folder), output_dir=str(tmp_path / "run"), task="causal_lm",
+                             train_file=str(files["train"]), validation_file=str(files["validation"]),
+                             epochs=1, batch_size=8, logging_steps=1, report_to="none", max_length=32,
+                             theta=10.0)  # every group is similar: each block keeps one
+    result = train_run(settings, quiet=True)
+    assert torch.isfinite(torch.tensor(result.metrics["eval_perplexity"]))
+    reloaded = neuroprune.load(result.run_dir / "model")
+    saved = load_file(result.run_dir / "model" / "model.safetensors")
+    assert all(torch.equal(reloaded.state_dict()[k], v) for k, v in saved.items())
+    heads = json.loads((result.run_dir / "model" / "neuroprune.json").read_text())["structure"]["heads"]
+    assert len(heads) == 2 and all(len(kept) == 1 for kept in heads.values())
