@@ -164,6 +164,16 @@ def test_bad_flop_targets_are_refused(kwargs, message):
         SparsityTarget(**kwargs)
 
 
+def test_no_prune_heads_keeps_every_head_under_a_flop_target():
+    torch.manual_seed(0)
+    model = tiny_model("bert")
+    method = build_method("neuroprune", model, NeuroPruneConfig(prune_heads=False),
+                          SparsityTarget(flops=0.6, seq_len=16))
+    _train(model, method, "bert", steps=10)
+    assert not method.structural.removed.groups
+    assert abs(flop_count(method, seq_len=16).fraction - 0.6) <= 0.02
+
+
 def test_a_target_below_what_the_model_can_reach_is_refused():
     """Tiny BERT at 128 tokens: attention scores dominate, and every block keeps one of 4 heads."""
     method = build_method("neuroprune", tiny_model("bert"), target_flops=0.1)

@@ -80,7 +80,9 @@ class NeuroPrune(PenaltyMethod):
         if target is not None and target.flops is not None:
             if prune_every_steps:
                 target = dataclasses.replace(target, select_every=prune_every_steps)
-                self.target = target
+            if not self.config.prune_heads:  # prune_heads=False: no head goes, whatever the budget
+                target = dataclasses.replace(target, kinds=tuple(k for k in target.kinds if k != "heads"))
+            self.target = target
             self.structural = StructuralPruner(self.index, target, self.unit_scores, self._choose_groups)
 
     def _check_head_target(self, target: SparsityTarget) -> None:
