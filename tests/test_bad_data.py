@@ -210,3 +210,19 @@ def test_malformed_rows_work_or_raise_our_error(tmp_path, train, validation, suf
     for split in splits.values():
         for name in fields.text:
             assert all(isinstance(t, str) and t.strip() for t in split.dataset[name])
+
+
+def test_class_names_in_one_split_and_numbers_in_another_are_refused(tmp_path):
+    train = write(tmp_path / "train.jsonl", sentiment_rows(6, labels="str"))
+    validation = write(tmp_path / "validation.jsonl", sentiment_rows(4, seed=1))
+    message = _raises("is a class number, but", train, validation)
+    assert f"{validation}, line 1: label 1 in 'label'" in message
+    assert f"{train} labels classes by name (e.g. 'pos')" in message
+    _raises("is a class number, but", validation, train)  # the other way round too
+
+
+def test_class_names_and_numbers_in_one_csv_file_are_refused(tmp_path):
+    rows = sentiment_rows(6, labels="str")
+    rows[3]["label"] = "1"
+    train = write(tmp_path / "train.csv", rows)
+    _raises(rf"{train}, line 5: label '1' in 'label' is a number, but earlier rows hold names", train)

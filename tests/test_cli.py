@@ -210,3 +210,135 @@ def test_without_validation_data_metrics_still_has_one_record_per_epoch(env, tmp
     records = json.loads((out / "metrics.json").read_text())
     assert [(r["step"], r.get("final", False)) for r in records] == [(1, False), (2, False), (2, True)]
     assert all({"sparsity", "heads_kept", "penalty_mlp", "train_loss"} <= set(r) for r in records)
+
+
+def test_a_failed_start_leaves_nothing_that_refuses_the_retry(env, tmp_path):
+    out = tmp_path / "run"
+    assert _train(env, out, "--label-field", "stars") == 2  # fails while reading the data
+    assert not (out / "run_config.json").exists()
+    assert _train(env, out, "--max-train-samples", "4") == 0  # the retry needs no --overwrite
+    assert json.loads((out / "run_config.json").read_text())["label_field"] is None
+    # a folder holding only the settings of a start that failed (older versions wrote them first)
+    only_settings = tmp_path / "old"
+    only_settings.mkdir()
+    (only_settings / "run_config.json").write_text((out / "run_config.json").read_text())
+    assert _train(env, only_settings, "--max-train-samples", "4") == 0
+
+
+def test_resume_of_a_finished_run_trains_nothing_and_adds_no_record(env, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _train(env, out, "--max-train-samples", "8") == 0
+    before = (out / "metrics.json").read_text()
+    model = (out / "model" / "model.safetensors").read_bytes()
+    capsys.readouterr()
+    assert _train(env, out, "--max-train-samples", "8", "--resume") == 0
+    captured = capsys.readouterr()
+    assert "holds a finished run" in captured.err and "nothing to resume" in captured.err
+    assert (out / "metrics.json").read_text() == before
+    assert (out / "model" / "model.safetensors").read_bytes() == model
+    records = json.loads(before)
+    printed = json.loads(captured.out[captured.out.rindex('{\n "run_dir"'):])
+    assert printed["eval_accuracy"] == pytest.approx(records[-1]["eval_accuracy"], abs=1e-4)
+    assert sum(1 for r in records if r.get("final")) == 1
+
+
+def test_ctrl_c_says_how_to_resume(env, tmp_path, capsys, monkeypatch):
+    from transformers import TrainerCallback
+
+    import neuroprune.training.train as train_module
+
+    class Interrupt(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                raise KeyboardInterrupt
+
+    real = train_module.train_run
+    monkeypatch.setattr(train_module, "train_run", lambda s: real(s, callbacks=[Interrupt()]))
+    out = tmp_path / "run"
+    assert _train(env, out, "--epochs", "2", "--save-steps", "1", "--max-train-samples", "16") == 130
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == (f"neuroprune train: interrupted. Continue from checkpoint-2 with: neuroprune train "
+                   f"--output-dir {out} --resume")
+    monkeypatch.setattr(train_module, "train_run", real)
+    again = ("--epochs", "2", "--save-steps", "1", "--max-train-samples", "16", "--resume")
+    assert _train(env, out, *again) == 0
+    assert json.loads((out / "metrics.json").read_text())[-1]["step"] == 4
+
+
+def test_eval_names_the_test_file_and_defaults_to_the_runs_validation_file(env, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _train(env, out, "--max-train-samples", "8") == 0
+    final = json.loads((out / "metrics.json").read_text())[-1]
+    capsys.readouterr()
+    assert main(["eval", "--model", str(out)]) == 0  # no file: the run's own validation file
+    captured = capsys.readouterr()
+    assert f"on the validation file {env['validation']} (the run's own)" in captured.err
+    metrics = json.loads(captured.out)
+    assert metrics["validation_accuracy"] == pytest.approx(final["eval_accuracy"])
+    assert metrics["validation_loss"] == pytest.approx(final["eval_loss"], rel=1e-5)
+
+    bad = textdata.write(tmp_path / "test.jsonl", [{"sentence": "good film", "label": 7}])
+    assert main(["eval", "--model", str(out), "--test-file", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}, line 1: label 7" in err
+    assert main(["eval", "--model", str(out), "--test-file", env["test"]]) == 0
+    assert "test_accuracy" in json.loads(capsys.readouterr().out)
+    unlabelled = textdata.write(tmp_path / "u.jsonl", [{"sentence": "good film"}])
+    assert main(["eval", "--model", str(out), "--test-file", str(unlabelled)]) == 2
+    assert f"{unlabelled}: no label field found" in capsys.readouterr().err
+    assert main(["eval", "--model", str(out), "--test-file", str(unlabelled), "--label-field", "label"]) == 2
+    assert f"{unlabelled} has no label field 'label', so it cannot be scored" in capsys.readouterr().err
+    assert main(["eval", "--model", str(out / "model")]) == 2  # a model folder: no run settings
+    assert "nothing to evaluate: pass --test-file FILE" in capsys.readouterr().err
+
+
+def _saved_bert(path, dead=0, scattered=0):
+    """A tiny BERT saved as a model folder, with `dead` MLP neurons of layer 0 dead (zero contract
+    columns) and `scattered` zeros in layer 1's expand matrix, one per neuron row (none dead)."""
+    import torch
+
+    from neuroprune import NeuroPrune
+    from neuroprune.model.surgery import weight_matrix
+
+    from tiny import tiny_model
+
+    method = NeuroPrune(tiny_model("bert", 0))
+    with torch.no_grad():
+        weight_matrix(method.index.mlps[0].down)[:, :dead] = 0
+        up = weight_matrix(method.index.mlps[1].up)
+        for row in range(scattered):
+            up[row, row % up.shape[1]] = 0
+    method.save_pretrained(path)
+    return path
+
+
+def test_compact_explains_what_it_removed_against_the_dense_model(tmp_path, capsys):
+    # tiny BERT: hidden 32, 2 layers of 4 heads, 48 MLP neurons; 8 dead neurons in layer 0
+    model = _saved_bert(tmp_path / "m", dead=8)
+    assert main(["compact", str(model), "-o", str(tmp_path / "c")]) == 0
+    out = capsys.readouterr().out
+    dense = sum(p.numel() for p in __import__("tiny").tiny_model("bert", 0).parameters())
+    after = dense - 8 * (32 + 1) - 8 * 32  # expand rows with their biases, contract columns
+    s, d, n = 128, 32, 48  # block FLOPs at 128 tokens, by hand
+    attention = 2 * s * (d * 3 * d + d * d) + 4 * s * s * d
+    mlp = 2 * s * n * 2 * d
+    fraction = (2 * attention + mlp + 2 * s * (n - 8) * 2 * d) / (2 * attention + 2 * mlp)
+    assert f"parameters: {dense:,} dense -> {after:,} compacted ({after / dense:.1%} of the dense" in out
+    assert f"block FLOPs (attention + MLP, 128 tokens): {fraction:.1%} of the dense model's" in out
+    assert "removed: 8 of 96 MLP neurons" in out and "why:" not in out
+    meta = json.loads((tmp_path / "c" / "neuroprune.json").read_text())["compaction"]
+    assert meta["flops_fraction"] == pytest.approx(fraction) and meta["parameters_compacted"] == after
+
+    # 5 dead neurons: 43 kept is rounded up to 48 (--multiple-of 8): the output says so
+    model = _saved_bert(tmp_path / "m5", dead=5)
+    assert main(["compact", str(model), "-o", str(tmp_path / "c5")]) == 0
+    out = capsys.readouterr().out
+    assert "removed: nothing" in out and "kept: 5 dead MLP neurons" in out and "--multiple-of 1" in out
+
+    # scattered zeros only: nothing is removable, and the output says why
+    model = _saved_bert(tmp_path / "ms", scattered=48)
+    assert main(["compact", str(model), "-o", str(tmp_path / "cs")]) == 0
+    out = capsys.readouterr().out
+    counted = 2 * (4 * d * d + 2 * d * n)  # q, k, v, o, expand, contract of both layers
+    assert f"parameters: {dense:,} dense -> {dense:,} compacted (100.0% of the dense model)" in out
+    assert f"why: {48 / counted:.2%} of the block weights are zero, but the zeros are scattered" in out

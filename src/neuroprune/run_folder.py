@@ -102,6 +102,18 @@ class RunDir:
     def has_run(self) -> bool:
         return (self.path / SETTINGS_FILE).exists()
 
+    def has_results(self) -> bool:
+        """Whether the run saved anything worth keeping (a checkpoint, an evaluation record or a
+        model); a start that failed before any of these left only its settings behind."""
+        return bool(self.metrics()) or self.model.is_dir() or (
+            self.checkpoints.is_dir() and any(self.checkpoints.glob("checkpoint-*"))
+        )
+
+    def final_record(self) -> dict[str, Any] | None:
+        """The record of the finished run ("final": true in metrics.json), or None if it did not
+        finish."""
+        return next((r for r in reversed(self.metrics()) if r.get("final")), None)
+
     # --- the model folders ---
     def model_dir(self, plain_ok: bool = False) -> Path:
         """The run's model/ folder, or the folder itself if it is a model folder (one with

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -53,6 +55,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import torch
+    import transformers
 
     from neuroprune.compaction import CompactionRule, compact, compact_uniform
     from neuroprune.errors import NeuroPruneError
@@ -67,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
     thresholds = {"min_input_fraction": args.min_input_fraction, "min_row_fraction": args.min_row_fraction,
                   "multiple_of": args.multiple_of}
     rule = CompactionRule(**{k: v for k, v in thresholds.items() if v is not None})
+    transformers.utils.logging.disable_progress_bar()  # the shard-writing bar of the save
     meta = read_meta(source)
     index = ModelIndex.from_pretrained(source)
     if args.finalize:
@@ -74,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
     model = index.model
     dense = None if args.no_verify else copy.deepcopy(model)
     before = sum(p.numel() for p in model.parameters())
+    found = explain(index, rule)  # before compacting: what is dead, what the rule keeps, and why
     uniform = None
     if args.uniform:
         uniform = compact_uniform(index, rule=rule)
@@ -81,7 +86,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         compact(index, rule=rule)
     after = sum(p.numel() for p in model.parameters())
-    summary = {"parameters_before": before, "parameters_after": after, "parameter_ratio": after / before}
+    summary = {"parameters_before": before, "parameters_after": after, "parameter_ratio": after / before,
+               **found.figures}
     if uniform is not None:
         summary["uniform"] = {"groups": uniform.groups, "neurons": uniform.neurons,
                               "groups_needed": uniform.min_groups_needed,
@@ -104,14 +110,135 @@ def run(args: argparse.Namespace) -> int:
         summary[f"{key}_kept"] = sum(len(v) for v in structure.get(key, {}).values())
     provenance = {k: meta[k] for k in ("method", "method_config", "neuroprune_config") if k in meta}
     index.save_pretrained(target, _tokenizer(source), extra={**provenance, "compaction": summary})
-    print(f"compacted model saved to {target}: {before:,} -> {after:,} parameters ({after / before:.1%})"
-          + (f", outputs within {summary['max_abs_diff']:.1e}" if "max_abs_diff" in summary else ""))
+    checked = f" (outputs within {summary['max_abs_diff']:.1e} of the model before)" if dense else ""
+    print(f"compacted model saved to {target}{checked}")
     if uniform is not None:
         print(f"  uniform: {uniform.groups} key/value groups and {uniform.neurons} neurons in every layer "
               f"(layers need {min(uniform.min_groups_needed, default=0)}-{uniform.groups} groups, "
               f"{min(uniform.min_neurons_needed, default=0)}-{uniform.neurons} neurons); the folder loads "
               "with the stock transformers class")
+    print("\n".join(found.lines(after)))
     return 0
+
+
+@dataclass
+class Explanation:
+    """What `compact` found in a model, against the original dense model: the figures (saved in
+    the compacted folder's neuroprune.json) and the sentences `lines` prints."""
+
+    figures: dict[str, Any]
+    removed: list[str]  # what compaction removes now
+    kept: list[str]  # dead structure the rule keeps, and how to remove it
+    scattered: float  # fraction of the remaining block weights that are exact zeros
+
+    def lines(self, params_after: int) -> list[str]:
+        f = self.figures
+        heads = (f"; {f['heads_removed_in_training']} of {f['heads_total']} heads were removed in training"
+                 if f["heads_removed_in_training"] else "")
+        out = [
+            f"  parameters: {f['parameters_dense']:,} dense -> {params_after:,} compacted "
+            f"({params_after / f['parameters_dense']:.1%} of the dense model{heads})",
+            f"  block FLOPs (attention + MLP, {f['flops_seq_len']} tokens): {f['flops_fraction']:.1%} of "
+            f"the dense model's",
+            "  removed: " + ("; ".join(self.removed) if self.removed else "nothing"),
+        ]
+        out += [f"  kept: {k}" for k in self.kept]
+        if not self.removed and not self.kept and not f["heads_removed_in_training"]:
+            out.append("  why: " + self.nothing_removable())
+        return out
+
+    def nothing_removable(self) -> str:
+        if self.scattered == 0:
+            return "the model has no zero weights: train it with a sparse method first."
+        return (
+            f"{self.scattered:.2%} of the block weights are zero, but the zeros are scattered: no whole "
+            "MLP neuron, head or attention input dimension is dead, so no matrix can shrink. "
+            + _structured_hint()
+        )
+
+
+def _structured_hint() -> str:
+    """How to train for structure compaction can remove (the flag, if this version has it)."""
+    import dataclasses
+
+    from neuroprune.training.settings import TrainSettings
+
+    if "target_flops" in {f.name for f in dataclasses.fields(TrainSettings)}:
+        return ("Train with --target-flops F (e.g. 0.5): it steers to removable structure, which "
+                "--target-sparsity (element zeros) does not.")
+    return ("Element sparsity (--target-sparsity) counts scattered zeros; train longer or with larger "
+            "penalties so that whole neurons and input dimensions die.")
+
+
+def explain(index: Any, rule: Any) -> Explanation:
+    """Compare the plan of `rule` with the exact plan (no thresholds, no rounding): what goes, what
+    dead structure stays and which option would remove it."""
+    import torch
+
+    from neuroprune.compaction import CompactionRule, plan
+    from neuroprune.model import flops
+
+    actual = plan(index, rule)
+    exact = plan(index, CompactionRule(min_input_fraction=0.0, min_row_fraction=0.0, multiple_of=1))
+    count = flops.count(index, actual)
+
+    def groups_removed(p: Any) -> int:
+        return 0 if p.keep_groups is None else (p.unit.num_kv_heads - len(p.keep_groups)) * p.unit.group_size
+
+    def inputs_of(p: Any) -> int:
+        return 0 if p.keep_inputs is None else flops.current_attention(p.unit).d_in - len(p.keep_inputs)
+
+    def rows_of(p: Any) -> int:
+        return 0 if p.keep_rows is None else flops.current_mlp(p.unit).rows - len(p.keep_rows)
+
+    heads_total = sum(u.original_heads for u in index.attention)
+    heads_now = sum(u.num_heads for u in index.attention)
+    heads_dead = sum(groups_removed(p) for p in actual.attention)
+    neurons_now = sum(int(p.removable.numel()) for p in actual.mlps)
+    neurons_gone = sum(int(p.removable.sum()) for p in actual.mlps)
+    neurons_dead = sum(int(p.removable.sum()) for p in exact.mlps)
+    inputs = [(inputs_of(a), inputs_of(e)) for a, e in zip(actual.attention, exact.attention)]
+    rows = [(rows_of(a), rows_of(e)) for a, e in zip(actual.mlps, exact.mlps)]
+    removed, kept = [], []
+    if heads_dead:
+        removed.append(f"{heads_dead} dead heads (their output-projection columns are zero)")
+    if neurons_gone:
+        removed.append(f"{neurons_gone:,} of {neurons_now:,} MLP neurons")
+    if neurons_dead > neurons_gone:
+        kept.append(f"{neurons_dead - neurons_gone} dead MLP neurons, to keep widths at multiples of "
+                    f"{rule.multiple_of} (faster matmuls; --multiple-of 1 removes them)")
+    gathered = sum(a for a, _ in inputs)
+    if gathered:
+        removed.append(f"{gathered:,} attention input dimensions (q/k/v read a gathered input)")
+    skipped = [e for a, e in inputs if not a and e]
+    if skipped:
+        kept.append(f"{sum(skipped):,} dead attention input dimensions in {len(skipped)} blocks: fewer than "
+                    f"--min-input-fraction {rule.min_input_fraction:g} of a block's inputs, not worth the "
+                    "gather")
+    dropped = sum(a for a, _ in rows)
+    if dropped:
+        removed.append(f"{dropped:,} zero MLP output rows")
+    skipped = [e for a, e in rows if not a and e]
+    if skipped:
+        kept.append(f"{sum(skipped):,} zero MLP output rows in {len(skipped)} blocks: fewer than "
+                    f"--min-row-fraction {rule.min_row_fraction:g} of a block's rows")
+    with torch.no_grad():
+        weights = index.counted_weights()
+        total = sum(w.numel() for w in weights)
+        zeros = sum(int((w == 0).sum()) for w in weights)
+    figures = {
+        **count.to_dict(),
+        "heads_total": heads_total,
+        "heads_removed_in_training": heads_total - heads_now,
+        "heads_removed": heads_dead,
+        "mlp_neurons_removed": neurons_gone,
+        "mlp_neurons_dead_kept": neurons_dead - neurons_gone,
+        "attention_inputs_removed": gathered,
+        "mlp_rows_removed": dropped,
+    }
+    figures["parameters_dense"] = figures.pop("params_dense")
+    figures["parameters_compacted"] = figures.pop("params_compacted")
+    return Explanation(figures, removed, kept, zeros / total if total else 0.0)
 
 
 def _check_inputs(model) -> dict:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 import typing
 from pathlib import Path
 from typing import Any
@@ -199,6 +200,22 @@ def resolve_settings(args: argparse.Namespace) -> TrainSettings:
     return TrainSettings.from_dict(values, source="settings")
 
 
+def resume_hint(settings: TrainSettings) -> str:
+    """How to continue an interrupted run: from its newest intact checkpoint, if it has one."""
+    from neuroprune.run_folder import RunDir
+
+    run = RunDir(settings.output_dir)
+    command = f"neuroprune train --output-dir {run.path} --resume"
+    checkpoint = run.latest_checkpoint() if run.has_run() else None
+    if checkpoint is not None:
+        return f"Continue from {checkpoint.name} with: {command}"
+    every = f"every {settings.save_steps} steps" if settings.save_steps else "at the end of every epoch"
+    if run.has_run():
+        return (f"No checkpoint was saved yet (one is saved {every}); `{command}` starts it again from "
+                "the beginning.")
+    return "Nothing was saved; run the same command again to start over."
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "train",
@@ -216,14 +233,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import transformers
+
+    from neuroprune.integrations.console import TIMINGS
     from neuroprune.training.train import train_run
 
     settings = resolve_settings(args)
-    result = train_run(settings)
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()  # weight loading / shard writing: one bar per save
+    try:
+        result = train_run(settings)
+    except KeyboardInterrupt:
+        # on a line of its own: the progress bar was cut off mid-line
+        print(f"\nneuroprune train: interrupted. {resume_hint(settings)}", file=sys.stderr)
+        return 130
+    finally:
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
     shown = {
         k: round(v, 4) if isinstance(v, float) else v
         for k, v in result.metrics.items()
-        if k.startswith("eval_") and "/" not in k
+        if k.startswith("eval_") and "/" not in k and not k.endswith(TIMINGS)
     }
     print(
         json.dumps(

@@ -19,11 +19,13 @@ from typing import Any
 
 import torch
 from transformers import Seq2SeqTrainer, Trainer, TrainerCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from neuroprune import distributed
 from neuroprune.errors import NeuroPruneError
 from neuroprune.files import write_json
 from neuroprune.guards import check_loss, check_weights, newest_good_checkpoint, write_manifest
+from neuroprune.integrations.console import ConsoleCallback
 from neuroprune.integrations.distill import Distiller
 from neuroprune.methods import Dense, SparsityMethod
 from neuroprune.model.optim import remap_optimizer
@@ -43,6 +45,7 @@ class _MethodCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
         optimizer = optimizer if optimizer is not None else self.trainer.optimizer
         self.trainer.method.on_train_begin(state.max_steps, getattr(optimizer, "optimizer", optimizer))
+        self.trainer.loss_split.begin(state.global_step)
 
     def on_step_end(self, args, state, control, **kwargs):
         self.trainer.apply_changes(self.trainer.method.on_step_end(state.global_step))
@@ -73,7 +76,47 @@ class _MethodCallback(TrainerCallback):
             self.trainer.last_good_checkpoint = str(folder)
 
     def on_train_end(self, args, state, control, **kwargs):
-        self.trainer.method.on_train_end()
+        method = self.trainer.method
+        # the sparsity before and after finalize, so the console can say why the final one differs
+        before = method.sparsity_report().sparsity if method.finalize_kinds is not None else None
+        method.on_train_end()
+        self.trainer.finalized = None if before is None else (before, method.sparsity_report().sparsity)
+
+
+class LossSplit:
+    """The penalty's share of the loss the Trainer logs, so that the logs show the task loss
+    (`loss`, `train_loss`) and the weighted penalty (`penalty`) apart: a NeuroPrune penalty can be
+    hundreds of times the task loss. Each micro-batch adds reg / accumulation steps to the Trainer's
+    loss sum, whether the Trainer or `compute_loss` divides, so that is what is counted here."""
+
+    def __init__(self) -> None:
+        self.since_log: torch.Tensor | float = 0.0  # a tensor: no device sync per micro-batch
+        self.total = 0.0
+        self.logged_step = self.start_step = 0
+        self.active = False  # a penalty was added to the loss in this training
+
+    def begin(self, step: int) -> None:
+        self.since_log, self.total, self.logged_step, self.start_step = 0.0, 0.0, step, step
+
+    def add(self, reg: torch.Tensor, accumulation_steps: int) -> None:
+        self.since_log = self.since_log + reg.detach() / accumulation_steps
+        self.active = True
+
+    def split(self, logs: dict[str, float], step: int) -> None:
+        """In place: `loss` (since the last log) and `train_loss` (the whole training) lose the
+        penalty's share, which goes to `penalty`."""
+        if not self.active:
+            return
+        if "loss" in logs:
+            penalty = float(self.since_log) / max(step - self.logged_step, 1)
+            self.total += float(self.since_log)
+            self.since_log, self.logged_step = 0.0, step
+            logs["loss"], logs["penalty"] = logs["loss"] - penalty, penalty
+        if "train_loss" in logs:
+            self.total += float(self.since_log)
+            self.since_log = 0.0
+            penalty = self.total / max(step - self.start_step, 1)
+            logs["train_loss"], logs["train_penalty"] = logs["train_loss"] - penalty, penalty
 
 
 def write_method_state(folder: Path, method: SparsityMethod) -> None:
@@ -121,7 +164,21 @@ class NeuroPruneMixin:
         # First, so that the method's state is in a checkpoint before any user callback sees it.
         kwargs["callbacks"] = [_MethodCallback(self), *(kwargs.get("callbacks") or [])]
         self.last_good_checkpoint: str | None = None  # named when the loss turns non-finite
+        self.loss_split = LossSplit()
+        self.finalized: tuple[float, float] | None = None  # sparsity before / after finalize
         super().__init__(*args, **kwargs)
+        self.console = self._short_console()
+
+    def _short_console(self) -> ConsoleCallback | None:
+        """transformers' progress output prints every log as a dict (with per-layer values, ~1,000
+        characters per evaluation): replace it by the short console (integrations/console.py)."""
+        bars = self.callback_handler.pop_callback(ProgressCallback)
+        printer = None if bars is not None else self.callback_handler.pop_callback(PrinterCallback)
+        if bars is None and printer is None:
+            return None  # the user's own progress callbacks
+        console = ConsoleCallback(self, bars=bars is not None)
+        self.add_callback(console)
+        return console
 
     # --- loss -----------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -134,6 +191,7 @@ class NeuroPruneMixin:
         reg = self.method.regularization_loss() if model.training else None
         if reg is None or not reg.requires_grad:  # no penalty (dense, GMP, proximal steps)
             return result
+        self.loss_split.add(reg, getattr(self, "current_gradient_accumulation_steps", 1))
         if self._loss_scaled_for_ga(num_items_in_batch):
             # The task loss is already normalised over the whole accumulated batch, so the Trainer
             # will not divide it by the accumulation steps: scale the regulariser ourselves so it
@@ -179,8 +237,9 @@ class NeuroPruneMixin:
         if isinstance(self.model_wrapped, torch.nn.parallel.DistributedDataParallel):
             # the old wrapper all-reduces the removed parameters' gradients only: build a new one
             old, self.model_wrapped = self.model_wrapped, distributed.rewrap_ddp(self.model_wrapped)
-            models = self.accelerator._models
-            self.accelerator._models = [self.model_wrapped if m is old else m for m in models]
+            models = getattr(self.accelerator, "_models", None)  # accelerate's own list (private)
+            if models is not None:
+                self.accelerator._models = [self.model_wrapped if m is old else m for m in models]
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         if isinstance(model, torch.nn.parallel.DistributedDataParallel) and model is not self.model_wrapped:
@@ -203,6 +262,7 @@ class NeuroPruneMixin:
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         # In place, so `evaluate()` returns (and callbacks see) the same values that are logged.
         logs.update(self.method.log_values(detailed=any(k.startswith("eval_") for k in logs)))
+        self.loss_split.split(logs, self.state.global_step)
         if "loss" in logs and self._distill_logs:  # training logs: the teacher's terms since the last
             logs.update({k: sum(v) / len(v) for k, v in self._distill_logs.items()})
             self._distill_logs = {}

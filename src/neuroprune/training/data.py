@@ -152,10 +152,8 @@ def _type_mismatch(rows: list[dict[str, Any]], lines: list[int], path: Path) -> 
 
 def _read_jsonl(path: Path, fmt: str) -> tuple[list[dict[str, Any]], list[int]]:
     rows, lines = [], []
-    with path.open(encoding="utf-8", errors="surrogateescape") as handle:
-        for number, text in enumerate(
-            tqdm(handle, desc=f"reading {path.name}", unit=" lines", leave=False, mininterval=1.0), start=1
-        ):
+    with path.open(encoding="utf-8", errors="surrogateescape") as handle, _rows_bar(path) as bar:
+        for number, text in enumerate(handle, start=1):
             if not text.strip():
                 continue
             try:
@@ -168,12 +166,19 @@ def _read_jsonl(path: Path, fmt: str) -> tuple[list[dict[str, Any]], list[int]]:
                 raise DataError(f"{path}, line {number}: expected a JSON object per line, got {text[:60]!r}.")
             rows.append(row)
             lines.append(number)
+            bar.update()
     return rows, lines
+
+
+def _rows_bar(path: Path) -> tqdm:
+    """A bar counting the rows read (updated per row, so the count it ends with is right; kept on
+    screen so the number of rows read stays visible)."""
+    return tqdm(desc=f"reading {path.name}", unit=" rows", mininterval=0.5, dynamic_ncols=True)
 
 
 def _read_delimited(path: Path, fmt: str) -> tuple[list[dict[str, Any]], list[int]]:
     rows, lines = [], []
-    with path.open(encoding="utf-8", errors="surrogateescape", newline="") as handle:
+    with path.open(encoding="utf-8", errors="surrogateescape", newline="") as handle, _rows_bar(path) as bar:
         reader = csv.DictReader(
             handle,
             delimiter="\t" if fmt == "tsv" else ",",
@@ -182,7 +187,7 @@ def _read_delimited(path: Path, fmt: str) -> tuple[list[dict[str, Any]], list[in
         try:
             if not reader.fieldnames:
                 return [], []
-            for row in tqdm(reader, desc=f"reading {path.name}", unit=" rows", leave=False, mininterval=1.0):
+            for row in reader:
                 if None in row:
                     raise DataError(
                         f"{path}, line {reader.line_num}: more values than the {len(reader.fieldnames)} "
@@ -190,6 +195,7 @@ def _read_delimited(path: Path, fmt: str) -> tuple[list[dict[str, Any]], list[in
                     )
                 rows.append(row)
                 lines.append(reader.line_num)
+                bar.update()
         except csv.Error as err:
             raise DataError(f"{path}, line {reader.line_num}: not valid {fmt.upper()} ({err}).") from None
     return rows, lines
@@ -245,7 +251,7 @@ def load_splits(
     for split, path in (files or {}).items():
         if path:
             splits[split] = read_file(path, split)
-    if "train" not in splits and "validation" not in splits:
+    if not splits:
         raise DataError("no data given: pass --dataset NAME or --train-file / --validation-file.")
     return splits
 
@@ -378,6 +384,7 @@ def build_task(
     if kind in ("seq2seq", "causal_lm"):
         return Task(kind, name)
     labelled = {s: split for s, split in splits.items() if fields.label in split.dataset.column_names}
+    _check_label_kinds(labelled, fields.label)
     if known is not None:
         task = Task(known.kind, name or known.name, known.label_names)
         for split in labelled.values():
@@ -419,6 +426,46 @@ def build_task(
     for split in labelled.values():
         _check_labels(split, fields.label, task)
     return task
+
+
+def _label_kind(split: Split, label: str) -> tuple[str, int] | None:
+    """Whether a split's labels are numbers or names, with the first row of that kind; a split
+    holding both is refused (is `1` the class named "1" or the second class?). None: no labels
+    to judge (an unlabelled test split)."""
+    if split.name == "test" and all(v in (-1, None) for v in split.dataset[label]):
+        return None
+    first: dict[str, int] = {}
+    for row, value in enumerate(split.dataset[label]):
+        value = _number(value)
+        if value is None or value == "":
+            continue
+        kind = "numbers" if isinstance(value, (int, float)) and not isinstance(value, bool) else "names"
+        first.setdefault(kind, row)
+    if len(first) == 2:
+        row = max(first.values())
+        raise DataError(
+            f"{split.where(row)}: label {split.dataset[label][row]!r} in {label!r} is a "
+            f"{'number' if first['numbers'] == row else 'name'}, but earlier rows hold "
+            f"{'names' if first['numbers'] == row else 'numbers'}; use class names or class numbers "
+            "(0..K-1) throughout."
+        )
+    return next(iter(first.items()), None)
+
+
+def _check_label_kinds(labelled: dict[str, Split], label: str) -> None:
+    """Every split must label classes the same way: names in one split and numbers in another
+    would silently map number i to the i-th name in sorted order."""
+    kinds = {name: found for name, split in labelled.items() if (found := _label_kind(split, label))}
+    if len({kind for kind, _ in kinds.values()}) < 2:
+        return
+    names = next(n for n, (kind, _) in kinds.items() if kind == "names")
+    numbers = next(n for n, (kind, _) in kinds.items() if kind == "numbers")
+    named, numbered = labelled[names], labelled[numbers]
+    raise DataError(
+        f"{numbered.where(kinds[numbers][1])}: label {numbered.dataset[label][kinds[numbers][1]]!r} in "
+        f"{label!r} is a class number, but {named.source} labels classes by name (e.g. "
+        f"{named.dataset[label][kinds[names][1]]!r}); use the same kind of labels in every split."
+    )
 
 
 def _check_glue_classes(split: Split, label: str, task: Task, values: list[Any], numeric: bool) -> None:

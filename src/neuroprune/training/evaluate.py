@@ -5,7 +5,7 @@ from __future__ import annotations
 import tempfile
 from typing import Any
 
-from neuroprune.errors import CheckpointError, ModelError
+from neuroprune.errors import CheckpointError, DataError, ModelError
 from neuroprune.run_folder import RunDir
 from neuroprune.training.dataprep import encode_splits, prepare_data
 from neuroprune.training.modelload import load_model, saved_task
@@ -35,9 +35,19 @@ def evaluate_model(model_dir: str, s: TrainSettings, split: str = "validation") 
     s.validate()
     task_guess = saved_task(path, s.task, s.task_name)
     splits, task, fields = prepare_data(s, task_guess)
+    if split not in splits:
+        raise DataError(f"no {split} data to evaluate: pass --{split}-file FILE.")
+    labelled = fields.label in splits[split].dataset.column_names
+    if task.kind in ("classification", "regression") and not labelled:
+        raise DataError(
+            f"{splits[split].source} has no label field {fields.label!r}, so it cannot be scored; pass a "
+            "labelled file (or name the field with --label-field)."
+        )
     if model is None:
         model, _ = load_model(str(path), task)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    # a head-pruned folder maps the Auto classes to its own modeling code: the tokenizer needs none
+    # (and without an answer transformers would stop at an interactive trust_remote_code prompt)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     encoded = encode_splits(s, {split: splits[split]}, task, fields, tokenizer)
     s.report_to = "none"
     with tempfile.TemporaryDirectory() as scratch:

@@ -17,12 +17,14 @@ class RunRecorder(TrainerCallback):
         self.run = run
         self.records = records
         self.start = time.perf_counter() - elapsed_before
-        self.train_loss: float | None = None
+        self.train_loss: float | None = None  # the task loss (the penalty is logged apart)
+        self.train_penalty: float | None = None  # only for methods that add one to the loss
         self.values: Any = None  # the method's `log_values`, for records without an evaluation
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
             self.train_loss = float(logs["loss"])
+            self.train_penalty = float(logs["penalty"]) if "penalty" in logs else None
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         self.add(metrics or {}, state.epoch, state.global_step)
@@ -41,6 +43,7 @@ class RunRecorder(TrainerCallback):
                 if isinstance(v, (int, float, str)) and not k.startswith("epoch")
             },
             "train_loss": self.train_loss,
+            **({"train_penalty": self.train_penalty} if self.train_penalty is not None else {}),
             "wall_clock_s": round(time.perf_counter() - self.start, 2),
             **extra,
         }
