@@ -25,7 +25,17 @@ from neuroprune.model.remote_code import LOAD_HINT, MODELING_FILE
 from test_compaction import structured
 from textdata import tokenizer
 
-from tiny import DECODERS, FAMILIES, SEQ2SEQ, duplicate_group, main_output, tiny_config, tiny_inputs
+from tiny import (
+    DECODERS,
+    FAMILIES,
+    NEW_DECODERS,
+    NEW_FAMILIES,
+    SEQ2SEQ,
+    duplicate_group,
+    main_output,
+    tiny_config,
+    tiny_inputs,
+)
 
 ATOL = 1e-5
 
@@ -33,7 +43,7 @@ ATOL = 1e-5
 def auto_class(family: str) -> type:
     if family in SEQ2SEQ:
         return AutoModelForSeq2SeqLM
-    return AutoModelForCausalLM if family in DECODERS else AutoModel
+    return AutoModelForCausalLM if family in DECODERS + NEW_DECODERS else AutoModel
 
 
 def compacted_folder(tmp_path, family: str, compact: bool = True):
@@ -46,7 +56,7 @@ def compacted_folder(tmp_path, family: str, compact: bool = True):
     return folder
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES + NEW_FAMILIES)
 def test_compacted_folder_loads_with_auto_class_and_remote_code(tmp_path, family):
     folder = compacted_folder(tmp_path, family)
     reference = neuroprune.load(folder)
@@ -59,7 +69,7 @@ def test_compacted_folder_loads_with_auto_class_and_remote_code(tmp_path, family
     own = model.state_dict()
     for key, value in reference.state_dict().items():
         assert own[key].shape == value.shape, key
-    if family in DECODERS + SEQ2SEQ:  # generation with a KV cache through the remote class
+    if family in DECODERS + NEW_DECODERS + SEQ2SEQ:  # generation with a KV cache through the remote class
         ids = x["input_ids"]
         kwargs = dict(max_new_tokens=5, do_sample=False, use_cache=True, attention_mask=x["attention_mask"])
         tokens = model.generate(input_ids=ids, **kwargs)
@@ -104,7 +114,7 @@ def test_modeling_file_is_the_package_source_and_needs_only_torch_and_transforme
             imported |= {a.name.split(".")[0] for a in node.names}
         elif isinstance(node, ast.ImportFrom):
             imported.add((node.module or "").split(".")[0])
-    assert imported <= {"__future__", "inspect", "typing", "torch", "transformers"}, imported
+    assert imported - set(sys.stdlib_module_names) == {"torch", "transformers"}, imported
     # and it loads in a process where neuroprune cannot be imported
     expected = main_output(neuroprune.load(folder), tiny_inputs("bert"))
     torch.save(tiny_inputs("bert"), tmp_path / "x.pt")

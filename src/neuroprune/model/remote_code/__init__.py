@@ -27,7 +27,7 @@ import transformers
 from torch import nn
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-from neuroprune.model.architectures import HEAD_COUNT_ATTRS, KV_HEAD_COUNT_ATTRS, WIDTH_ATTRS
+from neuroprune.model.architectures import HEAD_COUNT_ATTRS, KV_GROUPS_ATTRS, KV_HEAD_COUNT_ATTRS, WIDTH_ATTRS
 from neuroprune.model.remote_code.modeling_neuroprune import (
     MODEL_TYPE,
     PREFIX,
@@ -52,28 +52,36 @@ def hf_structure(index: ModelIndex) -> dict[str, Any] | None:
     """What `modeling_neuroprune.apply_structure` needs to give a stock model the compacted or
     head-pruned shapes of `index.model`, by module path; None when it has its config's shapes."""
     names = {id(m): n for n, m in index.model.named_modules()}
-    pruned = [u for u in index.attention if u.num_kv_heads < u.original_kv_heads]
+    pruned = [u for u in index.attention if u.num_heads < u.original_heads]
     compacted = [u for u in index.mlps if len(u.kept_neurons) < u.original_neurons or u.added_contract_bias
                  or kept_outputs(u.down) is not None]
     gathered = [u for u in index.attention if kept_inputs(projections(u)[0]) is not None]
     if not (pruned or compacted or gathered):
         return None
-    touched = [m for u in [*pruned, *gathered] for m in u.counted_modules().values()]
-    touched += [m for u in compacted for m in u.counted_modules().values()]
+    # every module with parameters inside a changed block (head surgery also cuts per-head
+    # projections beside q/k/v/o, e.g. DeBERTa's positional ones)
+    touched = [m for u in [*pruned, *gathered, *compacted] for m in u.module.modules()]
     out: dict[str, Any] = {
         "parameters": {names[id(m)]: {n: list(p.shape) for n, p in m.named_parameters(recurse=False)}
-                       for m in touched},
-        "attributes": {}, "gathered_inputs": [], "dropped_rows": {}, "head_bias": {},
+                       for m in touched if any(True for _ in m.parameters(recurse=False))},
+        "attributes": {}, "config_attributes": {}, "gathered_inputs": [], "dropped_rows": {}, "head_bias": {},
     }
     for unit in pruned:
-        core = names[id(unit.core)]
-        out["attributes"][core] = {a: getattr(unit.core, a) for a in HEAD_COUNT_ATTRS + KV_HEAD_COUNT_ATTRS
-                                   + WIDTH_ATTRS if isinstance(getattr(unit.core, a, None), int)}
-        if unit.layout.head_bias_arg:
+        core, layout = names[id(unit.core)], unit.layout
+        attrs = HEAD_COUNT_ATTRS + KV_HEAD_COUNT_ATTRS + WIDTH_ATTRS + layout.width_attrs + KV_GROUPS_ATTRS
+        out["attributes"][core] = {a: getattr(unit.core, a) for a in attrs
+                                   if isinstance(getattr(unit.core, a, None), int)}
+        own = getattr(unit.core, "config", None)  # a copy of its own: AttentionUnit._sync_attributes
+        if own is not None and own is not index.model.config:
+            counts = HEAD_COUNT_ATTRS + KV_HEAD_COUNT_ATTRS
+            out["config_attributes"][core] = {a: getattr(own, a) for a in counts
+                                              if isinstance(getattr(own, a, None), int)}
+        if layout.head_bias_arg or layout.head_mask_arg:
             out["head_bias"][core] = {
-                "arg": unit.layout.head_bias_arg, "output": unit.layout.head_bias_output,
-                "factory": unit.layout.bias_factory, "original_heads": unit.original_heads,
-                "kept_heads": unit.kept_heads,
+                "arg": layout.head_bias_arg, "output": layout.head_bias_output,
+                "factory": layout.bias_factory,
+                "dims": layout.head_bias_dims, "mask_arg": layout.head_mask_arg,
+                "original_heads": unit.original_heads, "kept_heads": unit.kept_heads,
             }
     for unit in gathered:
         out["gathered_inputs"].append({"modules": [names[id(m)] for m in projections(unit)],

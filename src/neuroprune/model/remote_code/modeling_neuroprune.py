@@ -19,6 +19,7 @@ head-count attributes, gathered inputs, dropped output rows and per-head positio
 
 from __future__ import annotations
 
+import copy
 import inspect
 from typing import Any
 
@@ -121,8 +122,8 @@ def _module(model: nn.Module, path: str) -> nn.Module:
 
 
 def _resize(module: nn.Module, shapes: dict[str, list[int]]) -> None:
-    """Give a projection empty parameters of the saved shapes (the weights file fills them)."""
-    like = module.weight
+    """Give a module empty parameters of the saved shapes (the weights file fills them)."""
+    like = next(module.parameters(recurse=False))
     for name, shape in shapes.items():
         setattr(module, name, nn.Parameter(torch.empty(shape, dtype=like.dtype, device=like.device)))
     if isinstance(module, nn.Linear):
@@ -198,25 +199,45 @@ def _t5_full_bias(core: nn.Module, args: dict[str, Any], heads: int) -> torch.Te
 BIAS_FACTORIES = {"t5": _t5_full_bias}
 
 
+def _slice_heads(tensor: Any, dims: str, original: int, kept: list[int]) -> Any:
+    """`tensor` (built by the model for all original heads) cut to this layer's heads; `dims`
+    says where the heads are: "batch,heads" (dim 1), "heads" (dim 0), "batch*heads" (flattened)."""
+    if not isinstance(tensor, torch.Tensor) or len(kept) == original:
+        return tensor
+    index = torch.tensor(kept, device=tensor.device)
+    if dims == "heads" and tensor.shape[0] == original:
+        return tensor.index_select(0, index)
+    if dims == "batch*heads" and tensor.dim() == 4:  # Falcon unflattens it: (batch, heads, 1, k)
+        dims = "batch,heads"
+    if dims == "batch*heads" and tensor.dim() > 0 and tensor.shape[0] % original == 0:
+        per_batch = tensor.reshape(-1, original, *tensor.shape[1:])
+        return per_batch.index_select(1, index).flatten(0, 1)
+    if dims == "batch,heads" and tensor.dim() > 1 and tensor.shape[1] == original:
+        return tensor.index_select(1, index)
+    return tensor
+
+
 def _slice_head_bias(core: nn.Module, spec: dict[str, Any]) -> None:
-    """Slice the per-head bias shared by all layers (T5, MPNet) to this layer's heads on the way
-    in, and hand the full bias on to the next layer on the way out."""
+    """Slice the per-head bias the model builds for all original heads (T5, MPNet relative
+    positions, ALiBi slopes) and a per-head mask to this layer's heads on the way in, and hand
+    the full bias on to the next layer on the way out where the family passes it along (T5)."""
     signature = inspect.signature(core.forward)
-    arg, factory = spec["arg"], BIAS_FACTORIES.get(spec.get("factory") or "")
-    original, kept = spec["original_heads"], spec["kept_heads"]
+    arg, mask_arg = spec.get("arg") or "", spec.get("mask_arg") or ""
+    factory = BIAS_FACTORIES.get(spec.get("factory") or "")
+    original, kept, dims = spec["original_heads"], spec["kept_heads"], spec.get("dims") or "batch,heads"
     state: dict[str, torch.Tensor | None] = {"full": None}
 
     def pre(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         bound = signature.bind(*args, **kwargs)
-        bias = bound.arguments.get(arg)
-        if bias is None and factory is not None:
-            bias = factory(module, bound.arguments, original)
-        if bias is None:
-            return None
-        state["full"] = bias
-        if bias.shape[1] == original and len(kept) != original:
-            bias = bias.index_select(1, torch.tensor(kept, device=bias.device))
-        bound.arguments[arg] = bias
+        if arg:
+            bias = bound.arguments.get(arg)
+            if bias is None and factory is not None:
+                bias = factory(module, bound.arguments, original)
+            state["full"] = bias
+            if bias is not None:
+                bound.arguments[arg] = _slice_heads(bias, dims, original, kept)
+        if mask_arg and bound.arguments.get(mask_arg) is not None:
+            bound.arguments[mask_arg] = _slice_heads(bound.arguments[mask_arg], "batch,heads", original, kept)
         return bound.args, bound.kwargs
 
     def post(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
@@ -238,7 +259,9 @@ def apply_structure(model: nn.Module, saved: dict[str, Any]) -> None:
     {module: {name: int}} (head counts, widths), `gathered_inputs` [{modules, keep}] (projections
     that read only the kept input dims, gathered once per block), `dropped_rows` {module: {keep,
     width}} (output rows computed; the others are the constant `neuroprune_output_fill`), and
-    `head_bias` {module: {arg, output, factory, original_heads, kept_heads}}.
+    `config_attributes` {module: {name: int}} (head counts a module reads from its own copy of
+    the config), `head_bias` {module: {arg, output, factory, dims, mask_arg, original_heads,
+    kept_heads}}.
     """
     for path, shapes in saved.get("parameters", {}).items():
         _resize(_module(model, path), shapes)
@@ -246,6 +269,11 @@ def apply_structure(model: nn.Module, saved: dict[str, Any]) -> None:
         module = _module(model, path)
         for name, value in values.items():
             setattr(module, name, value)
+    for path, values in saved.get("config_attributes", {}).items():
+        module = _module(model, path)  # reads head counts from `self.config` (Phi-3): its own copy
+        module.config = copy.copy(module.config)
+        for name, value in values.items():
+            setattr(module.config, name, value)
     for group in saved.get("gathered_inputs", []):
         shared = SharedGather(len(group["modules"]))
         for path in group["modules"]:
