@@ -281,7 +281,9 @@ _MLP_LAYOUT = MLPLayout(**_MLP_LAYOUT_KW)
 
 def test_head_size_from_the_model_config_and_multi_query_attention():
     unit = AttentionUnit(Found("blk", _Attn(8, 8, 4), _ATTN_LAYOUT), SimpleNamespace(head_dim=4))
-    assert (unit.head_dim, unit.original_heads, unit.original_kv_heads, unit.group_size) == (4, 2, 1, 2)
+    # one key/value head shared by both query heads: multi-query, each query head a removal group
+    assert (unit.head_dim, unit.original_heads, unit.original_kv_heads, unit.group_size) == (4, 2, 1, 1)
+    assert unit.multi_query and unit.num_kv_heads == 2
     unit = AttentionUnit(Found("blk", _Attn(8, 8, 4), _ATTN_LAYOUT), SimpleNamespace(num_attention_heads=2))
     assert unit.head_dim == 4
 
