@@ -73,7 +73,13 @@ TESTS = [
 ]
 # Left out of the subset: it re-imports neuroprune in a fresh interpreter, which loads the unmutated
 # editable install (it can never kill a mutant) and costs ~4 s per mutant of compaction.py.
-DESELECT = ["tests/test_compaction.py::test_reload_in_a_fresh_process_gives_the_same_outputs"]
+DESELECT = [
+    "tests/test_compaction.py::test_reload_in_a_fresh_process_gives_the_same_outputs",
+    # whole `neuroprune train` runs (seconds each): they reach nearly every function, so every
+    # surviving mutant would pay for them; the unit tests of the same files stay selected
+    "tests/test_baselines.py::test_cli_method_and_target_recorded",
+    "tests/test_baselines.py::test_every_method_saves_its_own_config_and_its_run_loads_evaluates_compacts_reports",
+]
 
 # Lines (regular expressions; mutmut skips the whole statement starting there) left unmutated:
 # `raise` statements, whose only mutable parts are the error messages' text (that an error is
