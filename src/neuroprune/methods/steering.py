@@ -129,6 +129,7 @@ class SparsityTarget:
     heads_by: str = "redundancy"
 
     def __post_init__(self) -> None:
+        self.kinds = tuple(self.kinds)  # a list after a JSON round trip (checkpoints)
         s, f = self.sparsity, self.flops
         if (s is None) == (f is None):
             raise ConfigError(
@@ -170,7 +171,6 @@ class SparsityTarget:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ConfigError(f"{name} must be a whole number >= {least}, got {value!r}.")
-        self.kinds = tuple(self.kinds)
         unknown = sorted(set(self.kinds) - set(FLOP_KINDS))
         if unknown or not self.kinds:
             raise ConfigError(f"kinds {list(self.kinds)!r}: choose one or more of {', '.join(FLOP_KINDS)}.")
