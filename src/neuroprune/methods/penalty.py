@@ -25,8 +25,9 @@ AT_TARGET = 1e-3
 # The target path's work (measure, controller update, proximal step) runs every `period` steps,
 # the proximal step then carrying the learning rate of all steps since the last one; only
 # re-imposing the held zeros runs every step. Automatic period: one per STEPS_PER_PERIOD steps of
-# the run, at most MAX_PERIOD, so a run shorter than 2 * STEPS_PER_PERIOD steps works every step.
-STEPS_PER_PERIOD = 100
+# the run, at most MAX_PERIOD, so the controller still updates ~25 times in a run of any length
+# and a run shorter than 2 * STEPS_PER_PERIOD steps works every step.
+STEPS_PER_PERIOD = 25
 MAX_PERIOD = 8
 
 
@@ -289,25 +290,22 @@ def proximal_step(
     the penalty decides *which* weights go without shrinking the ones that stay.
     `room`: at most this many entries may newly fall below `eps`; a longer step is shortened to
     lr * c (`step_factor`). Returns c (1.0: the full step; 0.0: no step was taken).
-    Per-step cost: multi-tensor ops and masks by multiplication (no boolean indexing, which costs
-    a host-device synchronisation per matrix on a GPU and is slow on CPU); a zeroed weight may be
-    -0.0."""
+    Per-step cost: masks by multiplication, no boolean indexing (which costs a host-device
+    synchronisation per matrix on a GPU and is slow on CPU), temporaries of one matrix at a time
+    (peak memory); a zeroed weight may be -0.0."""
     if not penalty.requires_grad:
         return 0.0
     grads = torch.autograd.grad(penalty, params, allow_unused=True)
     pairs = [(p, g) for p, g in zip(params, grads) if g is not None]
     c = 1.0 if room is None else step_factor(pairs, lr, hard, room, eps)
-    if not pairs:
-        return c
     with torch.no_grad():
-        ps, gs = [p for p, _ in pairs], [g for _, g in pairs]
-        new = torch._foreach_sub(ps, torch._foreach_mul(gs, lr * c))  # param - (lr * c) * grad
-        for param, step in zip(ps, new):
-            keep = step * param > 0  # not crossing zero
+        for param, grad in pairs:
+            new = param - (lr * c) * grad
+            keep = new * param > 0  # not crossing zero
             if hard:
                 param.mul_(keep)
             else:
-                param.copy_(step.mul_(keep))
+                param.copy_(new.mul_(keep))
     return c
 
 
@@ -317,26 +315,17 @@ def step_factor(pairs: list[tuple[torch.Tensor, torch.Tensor]], lr: float, hard:
     """The largest c <= 1 for which a proximal step of lr * c puts at most `room` more entries
     below `eps`. An entry moving towards zero gets there at c = (|w| - eps) / (lr |g|) (soft step;
     |w| / (lr |g|) for the hard one, which only zeroes what crosses): c stops just short of the
-    (room + 1)-th smallest of these. One synchronisation when the full step fits (the count), a
-    second for the kth value when it does not."""
-    if not pairs:
-        return 1.0
-    ps, gs = [p for p, _ in pairs], [g for _, g in pairs]
-    rates = torch._foreach_abs(gs)
-    torch._foreach_mul_(rates, lr)
-    sizes = torch._foreach_abs(ps)
-    if hard:
-        reach = torch._foreach_div(sizes, rates)
-    else:
-        reach = torch._foreach_sub(sizes, eps)
-        torch._foreach_div_(reach, rates)
-    del rates
-    flat = []
-    for param, grad, size, t in zip(ps, gs, sizes, reach):
+    (room + 1)-th smallest of these. One synchronisation when the full step fits (the count); only
+    when it does not, the candidates are gathered (boolean indexing) for their kth value."""
+    reach, within = [], []
+    for param, grad in pairs:
+        size = param.abs()
         moving = (param * grad > 0) & (size >= eps)
-        flat.append(torch.where(moving, t, math.inf).flatten())
-    times = torch.cat(flat)
-    within = times <= 1
-    if int(within.sum()) <= room:
+        t = (size if hard else size.sub_(eps)).div_(grad.abs().mul_(lr))
+        t = torch.where(moving, t, math.inf)
+        reach.append(t)
+        within.append((t <= 1).sum())
+    if not within or int(torch.stack(within).sum()) <= room:
         return 1.0
-    return float(torch.kthvalue(times[within], room + 1).values) * (1 - 1e-6)
+    candidates = torch.cat([t[t <= 1] for t in reach])
+    return float(torch.kthvalue(candidates, room + 1).values) * (1 - 1e-6)
