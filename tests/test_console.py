@@ -112,6 +112,12 @@ def test_unmet_targets_name_the_value_reached_and_what_to_change():
     (missed,) = unmet_targets({**near, "achieved_sparsity": 0.0016, "alpha": 0.006}, steps=10)
     assert "target sparsity 50.00% was not reached: the run ended at 0.16% in 10 steps" in missed
     assert "--epochs" in missed and "larger --alpha / --beta" in missed and "alpha 0.006" in missed
+    start = {"alpha": 1e-4, "beta": 1e-4}
+    (weak,) = unmet_targets({**near, "achieved_sparsity": 0.1, "alpha": 5e-4, "beta": 2e-4}, 10, start)
+    assert "larger --alpha / --beta" in weak and "alpha 0.0001 -> 0.0005" in weak
+    (saturated,) = unmet_targets({**near, "achieved_sparsity": 0.1, "alpha": 4.5, "beta": 2.0}, 10, start)
+    assert "larger --alpha" not in saturated
+    assert "raised the penalties 20,000x or more (alpha 0.0001 -> 4.5, beta 0.0001 -> 2)" in saturated
     (heads,) = unmet_targets({"target_heads": 36, "heads_kept": 40})
     assert "36 heads was not reached: 40 heads remain" in heads
     assert unmet_targets({"target_heads": 36, "heads_kept": 36}) == []

@@ -51,12 +51,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import transformers
+
     from neuroprune.files import write_json
     from neuroprune.training.evaluate import evaluate_model
     from neuroprune.training.settings import TrainSettings
 
     values, split, origin = resolve_eval_settings(args)
     print(f"neuroprune eval: scoring {args.model} on {origin}", file=sys.stderr)
+    transformers.utils.logging.disable_progress_bar()  # weight loading: not worth a bar
     # Only the evaluated split is read, under its own name (errors and metrics say "test" for a test file).
     files = {"train_file": None, "validation_file": None, "test_file": None,
              f"{split}_file": values.get(f"{split}_file")}

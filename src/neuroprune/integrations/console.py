@@ -94,26 +94,39 @@ def finalize_note(before: float, after: float, eps: float) -> str | None:
         return None
     return (
         f"finalize set the penalised weights with |w| < eps = {eps:g} to exactly 0: sparsity "
-        f"{_percent(before)} during training -> {_percent(after)} in the final model (the logs during "
-        "training count exact zeros only)."
+        f"{_percent(before)} during training -> {_percent(after)} in the final model (the `sparsity` "
+        "logged during training counts exact zeros only)."
     )
 
 
-def unmet_targets(summary: dict[str, Any], steps: int | None = None) -> list[str]:
+# a controller that raised alpha / beta this many times over already pushed as hard as it can
+SATURATED = 100.0
+
+
+def unmet_targets(summary: dict[str, Any], steps: int | None = None,
+                  initial: dict[str, float] | None = None) -> list[str]:
     """A sentence per target the run did not reach (within `TARGET_TOLERANCE`), naming the value
-    reached and what to change. `summary` is `method.summary()`."""
+    reached and what to change. `summary` is `method.summary()`; `initial` the user's alpha and
+    beta (the controller's starting point), to tell "too few steps" from "too weak a start"."""
     done = f" in {steps} steps" if steps else ""
     longer = "Train longer (more --epochs or more training rows)"
     out = []
     target, achieved = summary.get("target_sparsity"), summary.get("achieved_sparsity")
     if target is not None and achieved is not None and achieved < target - TARGET_TOLERANCE:
-        weights = ", ".join(f"{k} {summary[k]:.3g}" for k in ("alpha", "beta") if summary.get(k) is not None)
-        now = f"; they ended at {weights}" if weights else ""
-        out.append(
-            f"target sparsity {_percent(target)} was not reached: the run ended at {_percent(achieved)}"
-            f"{done}. {longer}, or start from a larger --alpha / --beta (the controller scales them "
-            f"from their initial values{now})."
+        names = [k for k in ("alpha", "beta") if summary.get(k) is not None]
+        start = {k: (initial or {}).get(k) for k in names}
+        raised = [summary[k] / start[k] for k in names if start[k]]
+        ended = ", ".join(
+            f"{k} {start[k]:.3g} -> {summary[k]:.3g}" if start[k] else f"{k} {summary[k]:.3g}" for k in names
         )
+        if raised and min(raised) >= SATURATED:
+            advice = (f"{longer}: the controller already raised the penalties {min(raised):,.0f}x or more "
+                      f"({ended}), so the steps, not the starting weights, were too few.")
+        else:
+            advice = (f"{longer}, or start from a larger --alpha / --beta (the controller scales them "
+                      f"from their initial values" + (f"; {ended}" if ended else "") + ").")
+        out.append(f"target sparsity {_percent(target)} was not reached: the run ended at "
+                   f"{_percent(achieved)}{done}. {advice}")
     target, achieved = summary.get("target_flops"), summary.get("flops_fraction")
     if target is not None and achieved is not None and achieved > target + TARGET_TOLERANCE:
         out.append(
@@ -199,5 +212,6 @@ def end_notes(trainer: Any, steps: int | None = None) -> list[str]:
         from neuroprune.compaction import flop_count
 
         summary["flops_fraction"] = flop_count(trainer.method).fraction
-    notes += [f"warning: {w}" for w in unmet_targets(summary, steps)]
+    initial = getattr(trainer.method, "base", None)  # penalty methods: the user's alpha and beta
+    notes += [f"warning: {w}" for w in unmet_targets(summary, steps, initial)]
     return notes
