@@ -70,6 +70,10 @@ TESTS = [
     "tests/test_mutation_kills.py",
     "tests/test_baselines.py",
     "tests/test_checkpoint.py",
+    "tests/test_flops.py",
+    "tests/test_uniform.py",
+    "tests/test_structural.py",
+    "tests/test_structured.py",
 ]
 # Left out of the subset: it re-imports neuroprune in a fresh interpreter, which loads the unmutated
 # editable install (it can never kill a mutant) and costs ~4 s per mutant of compaction.py.
@@ -79,6 +83,10 @@ DESELECT = [
     # surviving mutant would pay for them; the unit tests of the same files stay selected
     "tests/test_baselines.py::test_cli_method_and_target_recorded",
     "tests/test_baselines.py::test_every_method_saves_its_own_config_and_its_run_loads_evaluates_compacts_reports",
+    "tests/test_structural.py::test_train_run_and_cli_land_within_two_points",
+    "tests/test_structural.py::test_head_removal_fires_on_pretrained_minilm_at_default_settings",
+    "tests/test_structured.py::test_cli_run_lands_on_the_target_and_records_it",
+    "tests/test_uniform.py::test_cli_uniform_saves_a_stock_folder",
 ]
 
 # Lines (regular expressions; mutmut skips the whole statement starting there) left unmutated:

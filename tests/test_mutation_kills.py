@@ -13,7 +13,15 @@ import pytest
 import torch
 from torch import nn
 
-from neuroprune import CheckpointError, CompactionRule, ConfigError, UnsupportedArchitectureError
+from neuroprune import (
+    CheckpointError,
+    CompactionRule,
+    ConfigError,
+    NeuroPruneConfig,
+    UnsupportedArchitectureError,
+    build_method,
+    remap_optimizer,
+)
 from neuroprune.compaction import compact_attention, compact_mlp, neuron_constants
 from neuroprune.methods.heads import group_distances, merge_into_mlp_input, prune_unit, similarity_graph
 from neuroprune.methods.steering import (
@@ -611,3 +619,48 @@ def test_custom_per_head_bias_layout_without_factory():
     assert block(x, position_bias=shared)[1] is shared and block.received is shared
     block.as_tuple = False  # an output with no slot for the bias is left alone
     assert torch.equal(block(x, position_bias=bias), block.o(block.q(x)))
+
+
+def _train_steps(method, model, optimizer, steps, inputs) -> None:
+    for k in steps:
+        optimizer.zero_grad()
+        (model(**inputs).last_hidden_state.pow(2).mean() + method.regularization_loss()).backward()
+        optimizer.step()
+        remap_optimizer(optimizer, method.on_step_end(k))
+        if k % 4 == 0:
+            remap_optimizer(optimizer, method.on_epoch_end(k // 4 - 1))
+
+
+@pytest.mark.parametrize(
+    ("name", "target"),
+    [("neuroprune", SparsityTarget(0.5, heads=6)), ("l1", SparsityTarget(0.4)), ("neuroprune", None)],
+)
+def test_method_state_round_trips_and_the_resumed_method_continues_the_same(name, target):
+    """In-process resume (tests/test_resume_methods.py does it across SIGKILL, too slow to run per
+    mutant): the state survives JSON, gives a fresh method on a fresh model the same state, logs
+    and summary, and both then take the same steps (plain SGD: no optimiser state to carry)."""
+    torch.manual_seed(0)
+    config = NeuroPruneConfig(alpha=1e-2, beta=1e-2, theta=0.3)
+    inputs = tiny_inputs("bert")
+    base = tiny_model("bert")
+    model = copy.deepcopy(base)
+    method = build_method(name, model, config, target)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    method.on_train_begin(12, optimizer)
+    _train_steps(method, model, optimizer, range(1, 7), inputs)
+    state = json.loads(json.dumps(method.state_dict()))
+    assert state["step"] == 6
+    resumed_model = copy.deepcopy(base)
+    resumed = build_method(name, resumed_model, config, target)
+    resumed.load_state_dict(state)  # structure first, then the weights fit
+    resumed_model.load_state_dict(model.state_dict())
+    resumed_optimizer = torch.optim.SGD(resumed_model.parameters(), lr=0.05)
+    resumed.on_train_begin(12, resumed_optimizer)
+    assert json.loads(json.dumps(resumed.state_dict())) == state
+    assert resumed.log_values(detailed=True) == pytest.approx(method.log_values(detailed=True))
+    assert resumed.summary() == pytest.approx(method.summary())
+    _train_steps(method, model, optimizer, range(7, 13), inputs)
+    _train_steps(resumed, resumed_model, resumed_optimizer, range(7, 13), inputs)
+    for a, b in zip(model.state_dict().values(), resumed_model.state_dict().values()):
+        assert torch.equal(a, b)
+    assert json.loads(json.dumps(resumed.state_dict())) == json.loads(json.dumps(method.state_dict()))
