@@ -236,3 +236,16 @@ def test_model_recognised_by_shapes_prunes_heads_exactly():
     assert pruner.prune_redundant_heads() == {"blocks.0": [0], "blocks.1": [0]}
     assert model.blocks[1].n_heads == 1
     torch.testing.assert_close(model(x), before, atol=1e-6, rtol=0)
+
+
+def test_deberta_v1_attention_is_refused_with_the_reason():
+    from transformers import AutoConfig, AutoModel
+
+    config = AutoConfig.for_model("deberta", vocab_size=99, hidden_size=32, num_hidden_layers=2,
+                                  num_attention_heads=4, intermediate_size=48)
+    model = AutoModel.from_config(config)
+    with pytest.raises(UnsupportedArchitectureError) as err:
+        NeuroPrune(model)
+    assert "'deberta'" in str(err.value) and "q_bias" in str(err.value) and "v2" in str(err.value)
+    pruner = NeuroPrune(model, NeuroPruneConfig(allow_missing_attention=True))  # MLPs only
+    assert pruner.index.attention == [] and len(pruner.index.mlps) == 2

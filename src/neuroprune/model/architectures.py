@@ -273,8 +273,17 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "mpt": ArchSpec((MPT_ATTN,), (PLAIN_UP_DOWN_MLP,)),
     "gpt_bigcode": ArchSpec((BIGCODE_ATTN,), (GPT2_MLP,)),
     "starcoder2": ArchSpec((LLAMA_ATTN,), (GPT2_MLP,)),
-    **dict.fromkeys(("deberta-v2", "deberta"), ArchSpec((DEBERTA_V2_ATTN,), (BERT_MLP,))),
+    "deberta-v2": ArchSpec((DEBERTA_V2_ATTN,), (BERT_MLP,)),
     "modernbert": ArchSpec((MODERNBERT_ATTN,), (MODERNBERT_MLP,)),
+}
+
+# Families whose attention is known and deliberately not mapped, with the reason (the error says it).
+UNSUPPORTED_ATTENTION: dict[str, str] = {
+    "deberta": (
+        "DeBERTa (v1) keeps per-head query and value biases as bare parameters (q_bias, v_bias) "
+        "outside its fused in_proj, and its optional talking-head projections mix all heads, so a "
+        "head cannot be cut out of it; DeBERTa-v2 / v3 are supported"
+    ),
 }
 
 # Tried, in this order, for a family the registry does not know.
@@ -531,9 +540,11 @@ def check_coverage(model: nn.Module, attention: list[Found], mlps: list[Found],
                     "on purpose with exclude_modules."
                 )
     if not attention:
+        reason = UNSUPPORTED_ATTENTION.get(_model_type(model))
         message = (
             f"model type {_model_type(model)!r}: no attention block was found (MLPs: "
-            f"{len(mlps)}). Projections found: {_projection_names(model)}. Name its layout with "
+            f"{len(mlps)}){': ' + reason if reason else ''}. Projections found: "
+            f"{_projection_names(model)}. Name its layout with "
             "attention_layouts, e.g. [{'q': 'wq', 'k': 'wk', 'v': 'wv', 'o': 'wo'}] or "
             "[{'qkv': 'Wqkv', 'fused': 'concat', 'o': 'out_proj'}]"
         )
