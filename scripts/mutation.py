@@ -27,7 +27,6 @@ arguments themselves are in docs/testing.md.
 from __future__ import annotations
 
 import argparse
-import fnmatch
 import json
 import os
 import platform
@@ -344,6 +343,7 @@ def write_results(results: dict[str, dict], wall_s: float, args: argparse.Namesp
             "not_mutated": DO_NOT_MUTATE,
             "max_children": args.max_children,
             "only": args.only,
+            "modules_not_run": args.not_run,
             "threads": "OMP_NUM_THREADS=MKL_NUM_THREADS=OPENBLAS_NUM_THREADS=1",
         },
         "planted_mutant_check": planted,
@@ -377,7 +377,10 @@ def markdown(s: dict) -> str:
         f"Modules: {', '.join('`' + m + '`' for m in s['settings']['modules'])}.",
         f"Tests: {', '.join('`' + t + '`' for t in s['settings']['tests'])} "
         f"(deselected: {', '.join('`' + d + '`' for d in s['settings']['deselected'])}).",
-        f"Mutants re-run: `{s['settings']['only']}`." if s["settings"]["only"] else "All their mutants.",
+        f"Mutants run (last call): `{s['settings']['only']}`." if s["settings"]["only"]
+        else "All their mutants.",
+        f"**Modules whose mutants were not run: {', '.join(s['settings']['modules_not_run'])}** (not scored)."
+        if s["settings"]["modules_not_run"] else "",
         "",
         f"**{s['mutants']} mutants: {s['killed']} killed (timeouts included), {s['equivalent']} equivalent, "
         f"{s['survived_non_equivalent']} non-equivalent not killed. Score over non-equivalent mutants: "
@@ -427,8 +430,10 @@ def main() -> None:
     wall = time.monotonic() - start
     planted = planted_mutant_check()
     results = load_results()
-    if args.only and not args.keep:
-        results = {n: r for n, r in results.items() if any(fnmatch.fnmatch(n, g) for g in args.only)}
+    # mutants never run (outside `--only` in this and every kept earlier run) are not scored
+    unchecked = {n for n, r in results.items() if r["status"] == "not checked"}
+    results = {n: r for n, r in results.items() if n not in unchecked}
+    args.not_run = sorted({n.split(".x")[0] for n in unchecked} - {n.split(".x")[0] for n in results})
     s = write_results(results, wall, args, planted)
     print(
         f"{s['mutants']} mutants: {s['killed']} killed, {s['equivalent']} equivalent, "
