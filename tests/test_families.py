@@ -266,3 +266,45 @@ def test_training_run_end_to_end(family, tmp_path):
     assert all(torch.equal(reloaded.state_dict()[k], v) for k, v in saved.items())
     heads = json.loads((result.run_dir / "model" / "neuroprune.json").read_text())["structure"]["heads"]
     assert len(heads) == 2 and all(len(kept) == 1 for kept in heads.values())
+
+
+def test_uniform_compaction_of_multi_query_attention_loads_with_the_stock_class(tmp_path):
+    """Gemma with one key/value head: layer 0 has a dead query head, layer 1 lost one in training.
+    Uniform compaction keeps 3 query heads everywhere and the one shared K/V head (a zero query
+    head comes back in layer 1 only if needed); the stock class loads the folder, outputs equal."""
+    from transformers import AutoModelForCausalLM
+
+    from neuroprune.compaction import compact_uniform
+
+    model = tiny_model("gemma")
+    pruner = NeuroPrune(model)
+    first, second = pruner.index.attention
+    with torch.no_grad():
+        weight_matrix(first.o)[:, first.query_rows([0])] = 0
+    second.keep_groups([0, 1, 3])  # as head pruning during training leaves it
+    x = tiny_inputs("gemma")
+    expected = main_output(model, x)
+    result = compact_uniform(pruner)
+    changes = result.config_changes
+    assert changes["num_attention_heads"] == 3 and changes["num_key_value_heads"] == 1
+    assert all((u.num_heads, u.kv_heads) == (3, 1) for u in result.index.attention)
+    assert all(u.k.out_features == 8 and u.q.out_features == 24 for u in result.index.attention)
+    torch.testing.assert_close(main_output(model, x), expected, atol=1e-5, rtol=0)
+    result.index.save_pretrained(tmp_path / "u")
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path / "u").eval()
+    torch.testing.assert_close(main_output(stock, x), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["gemma", "phi3", "falcon-mq"])
+def test_sparsity_pattern_plot_of_pruned_layouts(family):
+    """The report's [Q, K, V] pattern panel after a head removal (multi-query: the one shared K/V
+    head stays drawn as present)."""
+    from neuroprune.analysis.plots import sparsity_pattern
+
+    model = tiny_model(family)
+    pruner = NeuroPrune(model, NeuroPruneConfig(theta=1e-6))
+    for unit in pruner.index.attention:
+        duplicate_group(model, unit, src=1, dst=0)
+    assert pruner.prune_redundant_heads()
+    figure = sparsity_pattern(family, pruner.index.attention, pruner.index.mlps[0])
+    assert figure.axes

@@ -307,12 +307,13 @@ def _pad_groups(unit: AttentionUnit, target: int) -> None:
             f"{unit.name}: uniform compaction re-adds removed heads only to separate q/k/v Linear "
             "projections (Llama / Qwen2 / Mistral style)."
         )
-    removed = [g for g in range(unit.original_kv_heads) if g not in unit.kept_groups]
+    removed = [g for g in range(unit.original_groups) if g not in unit.kept_groups]
     back = removed[: target - unit.num_kv_heads]
     groups = sorted(unit.kept_groups + back)
     old = [groups.index(g) for g in unit.kept_groups]  # positions of the present groups
     size = unit.group_size
-    for module, per_group, dim in ((unit.q, size, 0), (unit.k, 1, 0), (unit.v, 1, 0), (unit.o, size, 1)):
+    shared_kv = () if unit.multi_query else ((unit.k, 1, 0), (unit.v, 1, 0))  # multi-query: K/V stay
+    for module, per_group, dim in ((unit.q, size, 0), *shared_kv, (unit.o, size, 1)):
         rows = head_rows([p * per_group + t for p in old for t in range(per_group)], unit.head_dim)
         for name in ("weight", "bias"):
             param = getattr(module, name)
@@ -364,7 +365,8 @@ def _check_shapes(model: nn.Module, stock: nn.Module) -> None:
 
 def _head_fields(unit: AttentionUnit, groups: int) -> dict[str, int]:
     """The config fields of `groups` key/value groups of `unit`'s shape in every layer."""
-    return {"num_attention_heads": groups * unit.group_size, "num_key_value_heads": groups,
+    return {"num_attention_heads": groups * unit.group_size,
+            "num_key_value_heads": 1 if unit.multi_query else groups,
             "head_dim": unit.head_dim}
 
 
@@ -377,7 +379,7 @@ def _accepted_groups(index: ModelIndex, groups: int) -> int:
     from huggingface_hub.errors import StrictDataclassError  # transformers 5 validates configs with it
 
     unit, config = index.attention[0], index.model.config
-    for candidate in range(groups, unit.original_kv_heads + 1):
+    for candidate in range(groups, unit.original_groups + 1):
         try:
             type(config).from_dict({**config.to_dict(), **_head_fields(unit, candidate)})
         except (ValueError, TypeError, StrictDataclassError):

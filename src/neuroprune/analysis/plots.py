@@ -103,7 +103,7 @@ def _attention_panel(ax, unit: AttentionUnit) -> None:
     blocks, removed, separators, width = [], [], [], 0
     for mat, heads, per in zip(
         unit.qkv_matrices(),
-        (unit.kept_heads, unit.kept_groups, unit.kept_groups),
+        (unit.kept_heads, unit.kept_kv_heads, unit.kept_kv_heads),
         (unit.original_heads, unit.original_kv_heads, unit.original_kv_heads),
     ):
         full = torch.zeros(per * unit.head_dim, d_in)

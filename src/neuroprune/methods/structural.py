@@ -346,7 +346,7 @@ class StructuralPruner:
         for unit in self.index.attention:
             full = original_attention(unit)
             keep_all = "heads" not in kinds or getattr(unit, "head_removal_refused", None)
-            share = 1.0 if keep_all else 1 / unit.original_kv_heads
+            share = 1.0 if keep_all else 1 / unit.original_groups
             q_rows, kv_rows = round(full.q_rows * share), round(full.kv_rows * share)
             d_in = full.d_in if "inputs" not in kinds else 1
             least += AttentionShape(d_in, q_rows, max(kv_rows, unit.head_dim), full.d_out).flops(seq)

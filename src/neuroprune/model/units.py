@@ -84,7 +84,7 @@ class AttentionUnit:
             )
         self.multi_query = self.original_kv_heads == 1 and self.original_heads > 1
         self.group_size = 1 if self.multi_query else self.original_heads // self.original_kv_heads
-        self.kept_groups: list[int] = list(range(self.original_heads // self.group_size))
+        self.kept_groups: list[int] = list(range(self.original_groups))
         self.original_numel = {k: m.numel() for k, m in self.matrices().items()}
         self._signature: inspect.Signature | None = None
         self._full_bias: torch.Tensor | None = None
@@ -133,6 +133,16 @@ class AttentionUnit:
     def kv_heads(self) -> int:
         """Key/value heads present."""
         return 1 if self.multi_query else len(self.kept_groups)
+
+    @property
+    def original_groups(self) -> int:
+        """Removal groups of the dense block (query heads under multi-query attention)."""
+        return self.original_heads // self.group_size
+
+    @property
+    def kept_kv_heads(self) -> list[int]:
+        """Original indices of the key/value heads still present."""
+        return [0] if self.multi_query else list(self.kept_groups)
 
     @property
     def kept_heads(self) -> list[int]:
