@@ -85,6 +85,7 @@ def test_head_pruned_folder_loads_with_auto_class(tmp_path, family):
     saved = json.loads((tmp_path / family / "config.json").read_text())["neuroprune"]
     assert bool(saved["head_bias"]) == (family != "llama") and not saved["gathered_inputs"]
     reference = neuroprune.load(tmp_path / family)
+    assert reference.config.architectures == [type(reference).__name__]  # the stock names come back
     model = auto_class(family).from_pretrained(tmp_path / family, trust_remote_code=True).eval()
     x = tiny_inputs(family)
     torch.testing.assert_close(main_output(model, x), main_output(reference, x), atol=ATOL, rtol=0)

@@ -63,7 +63,7 @@ def hf_structure(index: ModelIndex) -> dict[str, Any] | None:
     touched = [m for u in [*pruned, *gathered, *compacted] for m in u.module.modules()]
     out: dict[str, Any] = {
         "parameters": {names[id(m)]: {n: list(p.shape) for n, p in m.named_parameters(recurse=False)}
-                       for m in touched if any(True for _ in m.parameters(recurse=False))},
+                       for m in touched if next(m.parameters(recurse=False), None) is not None},
         "attributes": {}, "config_attributes": {}, "gathered_inputs": [], "dropped_rows": {}, "head_bias": {},
     }
     for unit in pruned:
@@ -124,7 +124,8 @@ def write_remote_code(folder: Path, model: nn.Module, structure: dict[str, Any])
         "model_type": MODEL_TYPE,
         "architectures": [PREFIX + name for name in classes],
         "auto_map": auto_map(model.config, classes),
-        STRUCTURE_KEY: {"format": FORMAT, "base_model_type": model.config.model_type, "hidden_fields": hidden,
+        STRUCTURE_KEY: {"format": FORMAT, "base_model_type": model.config.model_type,
+                        "architectures": classes, "hidden_fields": hidden,
                         "hidden_messages": dict.fromkeys(hidden, LOAD_HINT), **structure},
         **dict.fromkeys(hidden, LOAD_HINT),
     })

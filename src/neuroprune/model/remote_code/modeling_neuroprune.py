@@ -36,12 +36,14 @@ OUTPUT_FILL = "neuroprune_output_fill"  # persistent buffer: the constant value 
 # --- the config --------------------------------------------------------------------------------
 
 def stock_config_dict(config_dict: dict[str, Any]) -> dict[str, Any]:
-    """The family config dict saved in a neuroprune `config.json`: the stock model type and the
-    real value of the field hidden behind the message."""
+    """The family config dict saved in a neuroprune `config.json`: the stock model type and
+    architectures, and the real value of the field hidden behind the message."""
     saved = config_dict.get(STRUCTURE_KEY) or {}
     out = {k: v for k, v in config_dict.items() if k not in ("auto_map", STRUCTURE_KEY)}
     out.update(saved.get("hidden_fields", {}))
-    out["model_type"] = saved["base_model_type"]  # not "model_type": see `hide_fields` in neuroprune
+    out["model_type"] = saved["base_model_type"]  # not "model_type": stock configs would take this dict
+    if "architectures" in saved:
+        out["architectures"] = saved["architectures"]
     return out
 
 
@@ -224,6 +226,9 @@ def _slice_head_bias(core: nn.Module, spec: dict[str, Any]) -> None:
     signature = inspect.signature(core.forward)
     arg, mask_arg = spec.get("arg") or "", spec.get("mask_arg") or ""
     factory = BIAS_FACTORIES.get(spec.get("factory") or "")
+    if spec.get("factory") and factory is None:
+        raise ValueError(f"the saved structure needs the per-head bias factory {spec['factory']!r}, "
+                         f"which this modeling file lacks (it has {sorted(BIAS_FACTORIES)}).")
     original, kept, dims = spec["original_heads"], spec["kept_heads"], spec.get("dims") or "batch,heads"
     state: dict[str, torch.Tensor | None] = {"full": None}
 
