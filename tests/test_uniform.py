@@ -112,8 +112,10 @@ def test_qwen2_biases_and_padding_stay_exact(tmp_path):
 @pytest.mark.parametrize("family", ["bert", "gpt2"])
 def test_families_whose_config_cannot_say_it_are_refused(family):
     pruner = structured(family)  # one head per block removed, scattered dead neurons
+    shapes = {k: v.shape for k, v in pruner.model.state_dict().items()}
     with pytest.raises(UnsupportedArchitectureError, match="trust_remote_code=True"):
         compact_uniform(pruner)
+    assert {k: v.shape for k, v in pruner.model.state_dict().items()} == shapes  # refused before any change
 
 
 def test_cli_uniform_saves_a_stock_folder(tmp_path, capsys):
@@ -127,3 +129,14 @@ def test_cli_uniform_saves_a_stock_folder(tmp_path, capsys):
     assert meta["compaction"]["uniform"]["groups_needed"] == [2, 1, 1]
     stock = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     torch.testing.assert_close(main_output(stock, x), expected, atol=ATOL, rtol=0)
+
+
+def test_cli_uniform_refuses_gather_thresholds_and_unsupported_families(tmp_path, capsys):
+    pruner = uneven_llama()
+    pruner.save_pretrained(tmp_path / "model")
+    assert cli_main(["compact", str(tmp_path / "model"), "--uniform", "--min-row-fraction", "0.5"]) != 0
+    assert "--uniform keeps no gathered inputs" in capsys.readouterr().err
+    structured("bert").save_pretrained(tmp_path / "bert")
+    assert cli_main(["compact", str(tmp_path / "bert"), "--uniform", "-o", str(tmp_path / "out")]) != 0
+    assert "trust_remote_code=True" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     import transformers
 
     from neuroprune.compaction import CompactionRule, compact, compact_uniform
-    from neuroprune.errors import NeuroPruneError
+    from neuroprune.errors import ConfigError, NeuroPruneError
     from neuroprune.methods.registry import saved_config
     from neuroprune.model.checkpoint import read_meta
     from neuroprune.model.index import ModelIndex
@@ -70,6 +70,9 @@ def run(args: argparse.Namespace) -> int:
     thresholds = {"min_input_fraction": args.min_input_fraction, "min_row_fraction": args.min_row_fraction,
                   "multiple_of": args.multiple_of}
     rule = CompactionRule(**{k: v for k, v in thresholds.items() if v is not None})
+    if args.uniform and (args.min_input_fraction is not None or args.min_row_fraction is not None):
+        raise ConfigError("--uniform keeps no gathered inputs and no dropped rows (the stock class has "
+                          "no place for them): leave out --min-input-fraction / --min-row-fraction.")
     transformers.utils.logging.disable_progress_bar()  # the shard-writing bar of the save
     meta = read_meta(source)
     index = ModelIndex.from_pretrained(source)
