@@ -308,3 +308,23 @@ def test_sparsity_pattern_plot_of_pruned_layouts(family):
     assert pruner.prune_redundant_heads()
     figure = sparsity_pattern(family, pruner.index.attention, pruner.index.mlps[0])
     assert figure.axes
+
+
+@pytest.mark.parametrize("family", ["falcon-alibi", "bloom"])
+def test_deep_copy_of_a_pruned_model_keeps_its_own_heads(family):
+    """`neuroprune compact` keeps a deep copy as the reference: the per-head slicing hooks read the
+    heads from the module they run on, so compacting the original (a dead head goes) leaves the
+    copy's slicing alone."""
+    model = tiny_model(family)
+    pruner = NeuroPrune(model, NeuroPruneConfig(theta=1e-6))
+    for unit in pruner.index.attention:
+        duplicate_group(model, unit, src=1, dst=0)
+    pruner.prune_redundant_heads()
+    kill(pruner.index)  # position 0 = original head 1 dies
+    x = tiny_inputs(family)
+    reference = copy.deepcopy(model)
+    expected = main_output(reference, x)
+    neuroprune.compact(pruner, rule=HEADS_AND_NEURONS)
+    assert all(u.kept_heads == [2, 3] for u in pruner.index.attention)
+    torch.testing.assert_close(main_output(reference, x), expected, atol=0, rtol=0)
+    torch.testing.assert_close(main_output(model, x), expected, atol=1e-4, rtol=1e-4)

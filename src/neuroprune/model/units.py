@@ -41,6 +41,9 @@ from neuroprune.model.surgery import (
     weight_matrix,
 )
 
+HEADS_ATTR = "_neuroprune_heads"  # on an attention module: (original heads, kept original indices)
+FULL_BIAS_ATTR = "_neuroprune_full_bias"  # the unsliced bias between a module's pre and post hook
+
 
 class AttentionUnit:
     """One attention block. Heads are removed a key/value group at a time (see `heads.py`).
@@ -86,8 +89,6 @@ class AttentionUnit:
         self.group_size = 1 if self.multi_query else self.original_heads // self.original_kv_heads
         self.kept_groups: list[int] = list(range(self.original_groups))
         self.original_numel = {k: m.numel() for k, m in self.matrices().items()}
-        self._signature: inspect.Signature | None = None
-        self._full_bias: torch.Tensor | None = None
         self._hooks: list[Any] = []
         self._own_config = False
         self.head_removal_refused = self._unsliced_head_terms(model_config)
@@ -247,6 +248,7 @@ class AttentionUnit:
         changes += select_inputs(self.o, q_idx)
         self.kept_groups = [self.kept_groups[p] for p in keep]
         self._sync_attributes()
+        self.core.__dict__[HEADS_ATTR] = (self.original_heads, tuple(self.kept_heads))
         if (self.layout.head_bias_arg or self.layout.head_mask_arg) and not self._hooks:
             self._install_bias_hooks()
         return changes
@@ -276,47 +278,34 @@ class AttentionUnit:
                 if isinstance(getattr(config, attr, None), int):
                     setattr(config, attr, value)
 
-    def _slice_heads(self, tensor: Any, dims: str) -> Any:
-        """`tensor` (built by the model for all original heads) cut to this layer's heads."""
-        if not isinstance(tensor, torch.Tensor) or self.num_heads == self.original_heads:
-            return tensor
-        kept = torch.tensor(self.kept_heads, device=tensor.device)
-        heads = self.original_heads
-        if dims == "heads" and tensor.shape[0] == heads:
-            return tensor.index_select(0, kept)
-        if dims == "batch*heads" and tensor.dim() == 4:  # Falcon unflattens it: (batch, heads, 1, k)
-            dims = "batch,heads"
-        if dims == "batch*heads" and tensor.dim() > 0 and tensor.shape[0] % heads == 0:
-            per_batch = tensor.reshape(-1, heads, *tensor.shape[1:])
-            return per_batch.index_select(1, kept).flatten(0, 1)
-        if dims == "batch,heads" and tensor.dim() > 1 and tensor.shape[1] == heads:
-            return tensor.index_select(1, kept)
-        return tensor
-
     def _install_bias_hooks(self) -> None:
         """Slice the per-head bias (and a per-head mask) to this layer's heads on the way in, and
         hand the full bias on to the next layer on the way out where the family passes it from
-        layer to layer (T5)."""
-        self._signature = inspect.signature(self.core.forward)
-        arg, mask_arg = self.layout.head_bias_arg, self.layout.head_mask_arg
-        factory = BIAS_FACTORIES.get(self.layout.bias_factory)
+        layer to layer (T5). The hooks read the heads from the module they run on (`HEADS_ATTR`),
+        so a deep copy of the model (a dense reference) keeps its own heads."""
+        signature = inspect.signature(self.core.forward)
+        layout = self.layout
+        factory = BIAS_FACTORIES.get(layout.bias_factory)
 
         def pre(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-            bound = self._signature.bind(*args, **kwargs)
-            if arg:
-                bias = bound.arguments.get(arg)
+            original, kept = getattr(module, HEADS_ATTR)
+            bound = signature.bind(*args, **kwargs)
+            if layout.head_bias_arg:
+                bias = bound.arguments.get(layout.head_bias_arg)
                 if bias is None and factory is not None:
-                    bias = factory(module, bound.arguments, self.original_heads)
-                self._full_bias = bias
+                    bias = factory(module, bound.arguments, original)
+                module.__dict__[FULL_BIAS_ATTR] = bias
                 if bias is not None:
-                    bound.arguments[arg] = self._slice_heads(bias, self.layout.head_bias_dims)
-            if mask_arg and bound.arguments.get(mask_arg) is not None:
-                bound.arguments[mask_arg] = self._slice_heads(bound.arguments[mask_arg], "batch,heads")
+                    cut = slice_heads(bias, layout.head_bias_dims, original, kept)
+                    bound.arguments[layout.head_bias_arg] = cut
+            mask = bound.arguments.get(layout.head_mask_arg) if layout.head_mask_arg else None
+            if mask is not None:
+                bound.arguments[layout.head_mask_arg] = slice_heads(mask, "batch,heads", original, kept)
             return bound.args, bound.kwargs
 
         def post(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-            full, self._full_bias = self._full_bias, None
-            index = self.layout.head_bias_output
+            full = module.__dict__.pop(FULL_BIAS_ATTR, None)
+            index = layout.head_bias_output
             if index is None or full is None or not isinstance(output, tuple):
                 return None
             return output[:index] + (full,) + output[index + 1:]
@@ -325,6 +314,24 @@ class AttentionUnit:
             self.core.register_forward_pre_hook(pre, with_kwargs=True),
             self.core.register_forward_hook(post, with_kwargs=True),
         ]
+
+
+def slice_heads(tensor: Any, dims: str, original: int, kept: tuple[int, ...]) -> Any:
+    """`tensor`, built by the model for all `original` heads, cut to the heads `kept` (original
+    indices); `dims` says where the heads are (`AttentionLayout.head_bias_dims`)."""
+    if not isinstance(tensor, torch.Tensor) or len(kept) == original:
+        return tensor
+    index = torch.tensor(kept, device=tensor.device)
+    if dims == "heads" and tensor.shape[0] == original:
+        return tensor.index_select(0, index)
+    if dims == "batch*heads" and tensor.dim() == 4:  # Falcon unflattens it: (batch, heads, 1, k)
+        dims = "batch,heads"
+    if dims == "batch*heads" and tensor.dim() > 0 and tensor.shape[0] % original == 0:
+        per_batch = tensor.reshape(-1, original, *tensor.shape[1:])
+        return per_batch.index_select(1, index).flatten(0, 1)
+    if dims == "batch,heads" and tensor.dim() > 1 and tensor.shape[1] == original:
+        return tensor.index_select(1, index)
+    return tensor
 
 
 class MLPUnit:
