@@ -249,3 +249,41 @@ def test_deberta_v1_attention_is_refused_with_the_reason():
     assert "'deberta'" in str(err.value) and "q_bias" in str(err.value) and "v2" in str(err.value)
     pruner = NeuroPrune(model, NeuroPruneConfig(allow_missing_attention=True))  # MLPs only
     assert pruner.index.attention == [] and len(pruner.index.mlps) == 2
+
+
+class _MultiQueryBlock(nn.Module):
+    """Two query heads reading one key/value head, under names no registry knows."""
+
+    def __init__(self):
+        super().__init__()
+        self.head_dim, self.n_heads = 4, 2
+        self.to_q, self.to_k, self.to_v = nn.Linear(8, 8), nn.Linear(8, 4), nn.Linear(8, 4)
+        self.proj = nn.Linear(8, 8)
+        self.fc_in, self.fc_out = nn.Linear(8, 16), nn.Linear(16, 8)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q = self.to_q(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k, v = (m(x).view(b, t, 1, self.head_dim).transpose(1, 2) for m in (self.to_k, self.to_v))
+        att = torch.softmax(q @ k.transpose(-1, -2) / self.head_dim**0.5, -1) @ v
+        x = x + self.proj(att.transpose(1, 2).reshape(b, t, -1))
+        return x + self.fc_out(torch.relu(self.fc_in(x)))
+
+
+def test_multi_query_block_recognised_by_shapes_loses_a_query_head_exactly():
+    from tiny import duplicate_group
+
+    torch.manual_seed(0)
+    model = _Custom().eval()
+    model.blocks = nn.Sequential(_MultiQueryBlock(), _MultiQueryBlock())
+    pruner = NeuroPrune(model, NeuroPruneConfig(theta=1e-6))
+    unit = pruner.index.attention[0]
+    assert (unit.num_heads, unit.kv_heads, unit.num_kv_heads, unit.multi_query) == (2, 1, 2, True)
+    assert unit.o is model.blocks[0].proj and pruner.index.mlps[0].up is model.blocks[0].fc_in
+    for unit in pruner.index.attention:
+        duplicate_group(model, unit, 1, 0)
+    x = torch.randn(2, 5, 8)
+    before = model(x)
+    assert pruner.prune_redundant_heads() == {"blocks.0": [0], "blocks.1": [0]}
+    assert model.blocks[0].to_q.out_features == 4 and model.blocks[0].to_k.out_features == 4
+    torch.testing.assert_close(model(x), before, atol=1e-6, rtol=0)
