@@ -328,3 +328,26 @@ def test_deep_copy_of_a_pruned_model_keeps_its_own_heads(family):
     assert all(u.kept_heads == [2, 3] for u in pruner.index.attention)
     torch.testing.assert_close(main_output(reference, x), expected, atol=0, rtol=0)
     torch.testing.assert_close(main_output(model, x), expected, atol=1e-4, rtol=1e-4)
+
+
+SDPA_FAMILIES = ("phi3", "falcon-mq", "falcon-alibi", "gpt_bigcode", "gemma", "modernbert")
+
+
+@pytest.mark.parametrize("family", SDPA_FAMILIES)
+def test_identical_heads_are_removed_exactly_under_sdpa(family):
+    """The same removal with PyTorch's scaled-dot-product attention (the default implementation):
+    its kernels read the head counts and the (per-head) mask the surgery rewrote."""
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    from tiny import tiny_config
+
+    torch.manual_seed(0)
+    cls = AutoModelForCausalLM if family in NEW_DECODERS else AutoModel
+    model = cls.from_config(tiny_config(family), attn_implementation="sdpa").eval()
+    pruner = NeuroPrune(model, NeuroPruneConfig(theta=1e-6))
+    for unit in pruner.index.attention:
+        duplicate_group(model, unit, src=1, dst=0)
+    x = tiny_inputs(family)
+    expected = main_output(silenced_reference(model, 0, 1), x)
+    assert pruner.prune_redundant_heads()
+    torch.testing.assert_close(main_output(model, x), expected, atol=1e-5, rtol=1e-5)
