@@ -18,6 +18,7 @@ from neuroprune import (
     CompactionRule,
     ConfigError,
     NeuroPruneConfig,
+    NeuroPruneError,
     UnsupportedArchitectureError,
     build_method,
     remap_optimizer,
@@ -664,3 +665,77 @@ def test_method_state_round_trips_and_the_resumed_method_continues_the_same(name
     for a, b in zip(model.state_dict().values(), resumed_model.state_dict().values()):
         assert torch.equal(a, b)
     assert json.loads(json.dumps(resumed.state_dict())) == json.loads(json.dumps(method.state_dict()))
+
+
+def test_load_passes_model_arguments_and_from_pretrained_uses_the_saved_discovery(tmp_path):
+    from neuroprune import load
+
+    model = tiny_model("bert")
+    index = ModelIndex(model, {"exclude_modules": r"layer\.1\."})
+    assert [u.name for u in index.attention] == ["encoder.layer.0.attention"]
+    path = index.save_pretrained(tmp_path / "m")
+    loaded = load(path, dtype=torch.float64)
+    assert {p.dtype for p in loaded.parameters()} == {torch.float64}
+    again = ModelIndex.from_pretrained(path)
+    assert [u.name for u in again.attention] == ["encoder.layer.0.attention"]
+    assert again.discovery == index.discovery
+    # folders written before the index existed: the options sit in the method's config
+    meta_file = path / "neuroprune.json"
+    meta = json.loads(meta_file.read_text())
+    meta["neuroprune_config"] = {"alpha": 1.0, "exclude_modules": r"layer\.1\."}
+    del meta["discovery"]
+    meta_file.write_text(json.dumps(meta))
+    legacy = ModelIndex.from_pretrained(path)
+    assert [u.name for u in legacy.attention] == ["encoder.layer.0.attention"]
+
+
+def test_restoring_a_head_structure_refuses_unknown_blocks_and_removed_groups():
+    index = ModelIndex(tiny_model("bert"))
+    with pytest.raises(NeuroPruneError, match=r"does not have: \['encoder.layer.9.attention'\]"):
+        index.restore_head_structure({"encoder.layer.9.attention": [0]})
+    unit = index.attention[0]
+    unit.keep_groups([1, 2, 3])  # group 0 is gone
+    with pytest.raises(NeuroPruneError, match=r"keeps groups \[0\] already removed"):
+        index.restore_head_structure({unit.name: [0, 1]})
+    index.restore_head_structure({unit.name: [1, 3]})
+    assert unit.kept_groups == [1, 3]
+
+
+def test_flop_schedule_and_bounds_by_hand():
+    target = SparsityTarget(flops=0.4, ramp_begin=0.0, ramp_end=0.5)
+    # p = 3 / (0.5 * 10) = 0.6: 0.4 + (1 - 0.4) * 0.4^3
+    assert target.flops_at(3, 10) == pytest.approx(0.4 + 0.6 * 0.4**3, abs=1e-12)
+    assert target.flops_at(0, 10) == 1.0 and target.flops_at(5, 10) == 0.4
+    assert SparsityTarget(flops=1.0).flops == 1.0  # "1: nothing removed" is allowed
+    assert SparsityTarget(flops=0.5, seq_len=1).seq_len == 1
+    with pytest.raises(ConfigError, match="seq_len must be a whole number >= 1"):
+        SparsityTarget(flops=0.5, seq_len=0)
+
+
+def test_restoring_a_structure_without_optional_keys_resets_passes_and_history():
+    index = ModelIndex(tiny_model("bert"))
+    index.passes, index.history = 3, [{"pass": 0}]
+    index.restore_structure({})
+    assert index.passes == 0 and index.history == []
+    assert [u.kept_groups for u in index.attention] == [[0, 1, 2, 3]] * 2
+
+
+def test_flop_target_settings_must_be_whole_numbers():
+    for bad in (True, 2.5):
+        with pytest.raises(ConfigError, match="seq_len must be a whole number"):
+            SparsityTarget(flops=0.5, seq_len=bad)
+
+
+def test_near_zero_counts_only_exact_zeros_in_kinds_not_finalized():
+    index = ModelIndex(tiny_model("bert"))
+    with torch.no_grad():
+        for unit in index.attention:
+            unit.o.weight.fill_(0.5)
+        o = index.attention[0].o.weight  # (32, 32)
+        o[0] = 0.0  # 32 exact zeros
+        o[1] = 1e-9  # below eps but not zero: not finalized, so not counted
+        o[2, :5] = 1.0
+    counts = index.near_zero_by_kind(1e-4, finalized=frozenset({"q", "k", "v", "up", "down"}))
+    assert counts["o"] == (32, 2 * 32 * 32)
+    assert index.near_zero_by_kind(1e-4)["o"] == (64, 2 * 32 * 32)  # all finalized: |w| < eps
+    assert ModelIndex(tiny_model("bert"), {"exclude_modules": "."}).near_zero_by_kind(1e-4) == {}
