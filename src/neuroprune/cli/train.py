@@ -250,6 +250,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if bars:
             transformers.utils.logging.enable_progress_bar()
+    flops = result.sparsity.get("flops_fraction")
     shown = {
         k: round(v, 4) if isinstance(v, float) else v
         for k, v in result.metrics.items()
@@ -261,8 +262,9 @@ def run(args: argparse.Namespace) -> int:
                 "run_dir": str(result.run_dir),
                 **shown,
                 "sparsity": round(result.sparsity["sparsity"], 4),
-                "flops_fraction": round(result.sparsity["flops_fraction"], 4),
-                "params_compacted": result.sparsity["params_compacted"],
+                # .get: a finished run of an older version (--resume prints its saved numbers)
+                "flops_fraction": None if flops is None else round(flops, 4),
+                "params_compacted": result.sparsity.get("params_compacted"),
                 "heads_kept": result.sparsity["heads_kept"],
                 "heads_total": result.sparsity["heads_total"],
                 "train_seconds": round(result.train_seconds, 1),
