@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -209,3 +210,21 @@ def test_remote_model_saves_a_folder_that_loads_again(tmp_path):
     assert saved["num_hidden_layers"] == LOAD_HINT and saved["model_type"] == "neuroprune_compacted"
     x = tiny_inputs("llama")
     torch.testing.assert_close(main_output(again, x), main_output(model, x), atol=ATOL, rtol=0)
+
+
+def test_our_tokenizer_loading_never_asks_about_remote_code(tmp_path):
+    """`AutoTokenizer` reads the config, whose auto_map names custom code: transformers asks
+    "[y/N]" on a terminal and blocks. Every loader of ours reads the stock tokenizer without it."""
+    folder = classifier_folder(tmp_path)
+    code = ("import sys; from neuroprune.model.checkpoint import load_tokenizer; "
+            f"print(load_tokenizer({str(folder)!r})('the film is good')['input_ids'])")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == str(tokenizer("encoder")("the film is good")["input_ids"])
+    assert "[y/N]" not in proc.stdout + proc.stderr
+    src = Path(neuroprune.__file__).parent
+    unguarded = [str(p.relative_to(src)) for p in src.rglob("*.py")
+                 if "AutoTokenizer.from_pretrained(" in p.read_text() and p.name not in ("checkpoint.py",
+                                                                                            "modelload.py")]
+    assert unguarded == [], f"load tokenizers of saved folders with checkpoint.load_tokenizer: {unguarded}"

@@ -267,8 +267,8 @@ def _tokenizer(path: Path):
     if not any((path / name).exists() for name in ("tokenizer_config.json", "tokenizer.json")):
         return None
     try:
-        from transformers import AutoTokenizer
+        from neuroprune.model.checkpoint import load_tokenizer
 
-        return AutoTokenizer.from_pretrained(path)
+        return load_tokenizer(path)
     except (OSError, ValueError, TypeError):
         return None

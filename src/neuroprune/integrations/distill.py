@@ -129,13 +129,13 @@ def teacher_folder(source: str | Path) -> Path:
 
 
 def _tokenizer_vocab(folder: Path) -> dict[str, int] | None:
-    from transformers import AutoTokenizer
+    from neuroprune.model.checkpoint import load_tokenizer
 
     names = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model")
     if not any((folder / n).exists() for n in names):
         return None  # a folder without a tokenizer: only the vocabulary size can be compared
     try:
-        return AutoTokenizer.from_pretrained(folder).get_vocab()
+        return load_tokenizer(folder).get_vocab()
     except (OSError, ValueError) as err:
         raise ModelError(f"cannot read the teacher's tokenizer in {folder}: {err}") from None
 

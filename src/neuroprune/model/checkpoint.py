@@ -158,3 +158,12 @@ def load_weights(model: nn.Module, directory: str | Path, meta: dict[str, Any]) 
             "the save was incomplete or the files were edited."
         )
     _check_checksums(path, meta)
+
+
+def load_tokenizer(directory: str | Path) -> Any:
+    """The stock tokenizer saved in a model folder. A compacted folder maps the Auto classes to its
+    own modeling code; the tokenizer needs none, and without `trust_remote_code=False`
+    transformers would stop at an interactive trust_remote_code prompt (it reads the config)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(directory, trust_remote_code=False)

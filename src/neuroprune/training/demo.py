@@ -149,10 +149,9 @@ def compact_run(run_dir: Path) -> tuple[Path, dict[str, Any]]:
     """Compact the run's saved model into RUN_DIR/compact (what `neuroprune compact RUN_DIR`
     writes) and return that folder with its figures: parameters dense / compacted and block
     FLOPs as planned before compaction (`flop_count`) and as counted on the compacted shapes."""
-    from transformers import AutoTokenizer
-
     from neuroprune.compaction import compact, flop_count
     from neuroprune.model import flops
+    from neuroprune.model.checkpoint import load_tokenizer
     from neuroprune.model.index import ModelIndex
     from neuroprune.run_folder import RunDir
 
@@ -169,7 +168,7 @@ def compact_run(run_dir: Path) -> tuple[Path, dict[str, Any]]:
         "flops_fraction_planned": planned.fraction,
         "heads_compacted": sum(u.num_heads for u in index.attention),
     }
-    index.save_pretrained(run.compact, AutoTokenizer.from_pretrained(run.model_dir()),
+    index.save_pretrained(run.compact, load_tokenizer(run.model_dir()),
                           extra={"compaction": figures})
     return run.compact, figures
 
@@ -177,11 +176,11 @@ def compact_run(run_dir: Path) -> tuple[Path, dict[str, Any]]:
 def timing_batch(d: DemoSettings, test_file: Path, tokenizer_dir: Path) -> dict[str, Any]:
     """`latency_batch` test snippets (repeated if the split is smaller) padded to the training
     max length: the input both models are timed on."""
-    from transformers import AutoTokenizer
+    from neuroprune.model.checkpoint import load_tokenizer
 
     rows = [json.loads(line) for line in test_file.read_text(encoding="utf-8").splitlines() if line]
     texts = [rows[i % len(rows)]["text"] for i in range(d.latency_batch)]
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer = load_tokenizer(tokenizer_dir)
     length = int(d.training.get("max_length") or TRAINING["max_length"])
     encoded = tokenizer(texts, truncation=True, max_length=length, padding="max_length", return_tensors="pt")
     return dict(encoded)

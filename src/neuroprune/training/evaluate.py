@@ -16,10 +16,8 @@ from neuroprune.training.trainer_factory import build_trainer, training_argument
 def evaluate_model(model_dir: str, s: TrainSettings, split: str = "validation") -> dict[str, Any]:
     """`neuroprune eval`: score a saved model (a run folder, its model/ folder, or any
     transformers folder) on a labelled file."""
-    from transformers import AutoTokenizer
-
     from neuroprune.methods.registry import saved_config
-    from neuroprune.model.checkpoint import read_meta
+    from neuroprune.model.checkpoint import load_tokenizer, read_meta
     from neuroprune.model.index import ModelIndex
 
     path = RunDir(model_dir).model_dir(plain_ok=True)
@@ -45,9 +43,7 @@ def evaluate_model(model_dir: str, s: TrainSettings, split: str = "validation") 
         )
     if model is None:
         model, _ = load_model(str(path), task)
-    # a head-pruned folder maps the Auto classes to its own modeling code: the tokenizer needs none
-    # (and without an answer transformers would stop at an interactive trust_remote_code prompt)
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    tokenizer = load_tokenizer(path)
     encoded = encode_splits(s, {split: splits[split]}, task, fields, tokenizer)
     s.report_to = "none"
     with tempfile.TemporaryDirectory() as scratch:
