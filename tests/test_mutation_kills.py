@@ -739,3 +739,29 @@ def test_near_zero_counts_only_exact_zeros_in_kinds_not_finalized():
     assert counts["o"] == (32, 2 * 32 * 32)
     assert index.near_zero_by_kind(1e-4)["o"] == (64, 2 * 32 * 32)  # all finalized: |w| < eps
     assert ModelIndex(tiny_model("bert"), {"exclude_modules": "."}).near_zero_by_kind(1e-4) == {}
+
+
+def test_counted_weights_of_some_kinds_are_those_parameters_only():
+    model = tiny_model("llama")
+    index = ModelIndex(model)
+    o = index.counted_weights({"o"})
+    assert [id(p) for p in o] == [id(layer.self_attn.o_proj.weight) for layer in model.model.layers]
+    mlp = index.counted_weights({"gate", "up", "down"})
+    assert [id(p) for p in mlp] == [id(getattr(layer.mlp, f"{k}_proj").weight)
+                                    for layer in model.model.layers for k in ("gate", "up", "down")]
+    assert len(index.counted_weights()) == 2 * 7
+
+
+def test_save_pretrained_writes_the_tokenizer_the_discovery_and_the_remote_code(tmp_path):
+    import textdata
+
+    model = tiny_model("bert")
+    index = ModelIndex(model, {"mlp_modules": "layer"})
+    index.attention[0].keep_groups([0, 2, 3])  # head-pruned: stock classes cannot load it alone
+    path = index.save_pretrained(tmp_path / "m", tokenizer=textdata.tokenizer())
+    assert (path / "tokenizer.json").exists()
+    meta = json.loads((path / "neuroprune.json").read_text())
+    assert meta["discovery"] == index.discovery and meta["discovery"]["mlp_modules"] == "layer"
+    config = json.loads((path / "config.json").read_text())
+    assert "auto_map" in config  # loads with trust_remote_code=True
+    assert not list((tmp_path / "m").parent.glob(".*tmp*"))
