@@ -765,3 +765,17 @@ def test_save_pretrained_writes_the_tokenizer_the_discovery_and_the_remote_code(
     config = json.loads((path / "config.json").read_text())
     assert "auto_map" in config  # loads with trust_remote_code=True
     assert not list((tmp_path / "m").parent.glob(".*tmp*"))
+
+
+def test_finalize_zeroes_strictly_below_eps_and_counts_the_changes():
+    index = ModelIndex(tiny_model("bert"))
+    with torch.no_grad():
+        for p in index.counted_weights():
+            p.fill_(1.0)
+        up = index.mlps[0].up.weight
+        up[0, :3] = 0.25  # exactly eps: present ("|w| < eps is absent")
+        up[1, :4] = 0.125  # below: zeroed
+        up[2, :2] = 0.0  # already zero: not counted as changed
+    assert index.finalize(0.25) == 4
+    assert up[0, :3].tolist() == [0.25] * 3 and up[1, :4].tolist() == [0.0] * 4
+    assert index.finalize(0.25) == 0
