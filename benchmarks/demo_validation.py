@@ -15,13 +15,14 @@ from neuroprune.files import write_json
 from neuroprune.training.demo import TRAINING, DemoSettings, settings_for, write_splits
 from neuroprune.training.train import train_run
 
-# name -> the TrainSettings values a candidate changes (on top of the demo's TRAINING)
+# name -> the TrainSettings values a candidate changes (on top of the demo's TRAINING; penalties
+# and learning rate spelled out, so a later change of TRAINING does not change a candidate)
 CANDIDATES: dict[str, dict] = {
     "dense": {"method": "dense"},
-    "f50_paper": {"target_flops": 0.5},
-    "f50_lr1e-4": {"target_flops": 0.5, "learning_rate": 1e-4},
-    "f50_a0": {"target_flops": 0.5, "alpha": 1e-5, "beta": 1e-5},
-    "f75_paper": {"target_flops": 0.75},
+    "f50_a1e-3": {"target_flops": 0.5, "learning_rate": 2e-4, "alpha": 1e-3, "beta": 1e-3},
+    "f50_a1e-3_lr1e-4": {"target_flops": 0.5, "learning_rate": 1e-4, "alpha": 1e-3, "beta": 1e-3},
+    "f50_a1e-5": {"target_flops": 0.5, "learning_rate": 2e-4, "alpha": 1e-5, "beta": 1e-5},
+    "f75_a1e-3": {"target_flops": 0.75, "learning_rate": 2e-4, "alpha": 1e-3, "beta": 1e-3},
 }
 
 
