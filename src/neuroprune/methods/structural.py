@@ -268,8 +268,11 @@ def normalise(scores: UnitScores, removed: Removed) -> UnitScores:
 # --- masks ------------------------------------------------------------------------------------
 
 class StructureMasks:
-    """Keep-masks of the weights that hold removed units at zero: a neuron's expand rows and
-    contract column, a group's output-projection columns, an input dim's q/k/v columns. Applied
+    """Keep-masks of the weights that hold removed units at zero: a neuron's expand rows (both
+    halves of a fused [gate | up] projection) and contract column; a group's Q rows, its own K and
+    V rows (not the key/value head multi-query attention shares) and per-head projection rows,
+    in whichever projection holds them (fused [q | k | v] too), and its output-projection
+    columns; an input dim's q/k/v columns. Applied
     after every optimiser step with one multi-tensor multiply (no per-matrix Python work)."""
 
     def __init__(self, index: ModelIndex) -> None:
@@ -289,13 +292,29 @@ class StructureMasks:
 
         for b, positions in removed.neurons.items():
             unit = self.index.mlps[b]
+            rows = torch.as_tensor(positions, dtype=torch.long)
+            if unit.fused:  # one [gate | up] projection: neuron i owns rows i and n + i
+                rows = torch.cat([rows, rows + weight_matrix(unit.up).shape[0] // 2])
             for module in (unit.gate, unit.up):
                 if module is not None:
-                    view(module)[positions] = False
+                    view(module)[rows] = False
             view(unit.down)[:, positions] = False
         for b, positions in removed.groups.items():
             unit = self.index.attention[b]
-            view(unit.o)[:, unit.query_rows(positions)] = False
+            q_rows = unit.query_rows(positions)
+            kv_rows = None if unit.multi_query else unit.kv_rows(positions)  # multi-query: K/V shared
+            if unit.qkv is not None:  # the group's rows wherever the layout puts them
+                fq, fk, fv = unit.fused_rows()
+                view(unit.qkv)[fq[q_rows] if kv_rows is None else torch.cat([fq[q_rows], fk[kv_rows],
+                                                                             fv[kv_rows]])] = False
+            else:
+                view(unit.q)[q_rows] = False
+                if kv_rows is not None:
+                    view(unit.k)[kv_rows] = False
+                    view(unit.v)[kv_rows] = False
+            for module in unit.head_projections:  # per-head positional rows (DeBERTa)
+                view(module)[q_rows] = False
+            view(unit.o)[:, q_rows] = False
         for b, positions in removed.inputs.items():
             for module in projections(self.index.attention[b]):
                 view(module)[:, positions] = False
