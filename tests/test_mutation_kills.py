@@ -779,3 +779,12 @@ def test_finalize_zeroes_strictly_below_eps_and_counts_the_changes():
     assert index.finalize(0.25) == 4
     assert up[0, :3].tolist() == [0.25] * 3 and up[1, :4].tolist() == [0.0] * 4
     assert index.finalize(0.25) == 0
+
+
+def test_same_layer_is_the_mlp_with_the_longest_shared_dotted_prefix():
+    from neuroprune.model.index import same_layer
+
+    mlps = [SimpleNamespace(name=f"model.layers.{i}.mlp") for i in (0, 1, 10)]
+    assert same_layer("model.layers.1.self_attn", mlps) is mlps[1]
+    assert same_layer("model.layers.10.self_attn", mlps) is mlps[2]
+    assert same_layer("model.layers.1.self_attn", []) is None
