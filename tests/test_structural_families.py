@@ -24,7 +24,6 @@ from tiny import DECODERS, FAMILIES, NEW_DECODERS, NEW_FAMILIES, main_output, ti
 SEQ = 16
 TARGET = 0.5
 STEPS = 8
-REFUSED: tuple[str, ...] = ()  # families whose heads cannot be removed (none of tests/tiny.py now)
 
 
 def _train(model, method, family: str, steps: int) -> None:
@@ -49,9 +48,7 @@ def _method(name: str, model):
     target = SparsityTarget(flops=TARGET, seq_len=SEQ)
     if name == "structured":
         return build_method("structured", model, None, target)
-    refused = any(u.head_removal_refused for u in ModelIndex(model).attention)
-    return build_method("neuroprune", model, NeuroPruneConfig(alpha=1e-3, beta=1e-3, prune_heads=not refused),
-                        target)
+    return build_method("neuroprune", model, NeuroPruneConfig(alpha=1e-3, beta=1e-3), target)
 
 
 @torch.no_grad()
@@ -136,8 +133,7 @@ def test_masks_of_every_kind_hold_and_compact_exactly(family):
     index = ModelIndex(model)
     removed = Removed()
     for b, unit in enumerate(index.attention):
-        if not unit.head_removal_refused:
-            removed.add("groups", b, [1])
+        removed.add("groups", b, [1])
         removed.add("inputs", b, list(range(0, unit.qkv_matrices()[0].shape[1], 2)))
     for b, unit in enumerate(index.mlps):
         removed.add("neurons", b, list(range(0, unit.original_neurons, 3)))
@@ -155,7 +151,6 @@ def test_masks_of_every_kind_hold_and_compact_exactly(family):
         opt.zero_grad()
         masks.apply()
     model.eval()
-    assert removed.groups or family in REFUSED
     _assert_held_at_zero(index, removed)
     count = flop_count(index, seq_len=SEQ)
     _assert_compacts_exactly(family, model, index, removed, count)

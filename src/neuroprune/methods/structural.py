@@ -87,12 +87,11 @@ class Removed:
 # --- scores -----------------------------------------------------------------------------------
 
 def alive_rows(unit: AttentionUnit, removed_groups: list[int]) -> tuple[torch.Tensor, ...]:
-    """The Q, K, V rows (head-major, `(rows, in)`) of the groups still present."""
+    """The Q, K, V rows (head-major, `(rows, in)`) of the groups still present (under
+    multi-query attention the shared key/value head, whichever groups remain)."""
     keep = [g for g in range(unit.num_kv_heads) if g not in set(removed_groups)] or [0]
     q, k, v = (m.detach() for m in unit.qkv_matrices())
-    if getattr(unit, "multi_query", False):  # one key/value head shared by every group
-        return q[unit.query_rows(keep)], k, v
-    kv = unit.kv_rows(keep)  # one shared K/V head under multi-query attention
+    kv = unit.kv_rows(keep)
     return q[unit.query_rows(keep)], k[kv], v[kv]
 
 
@@ -150,7 +149,7 @@ class _Budget:
         for b, p in enumerate(now.attention):
             unit, shape = p.unit, planned_attention(p)
             group_q = unit.group_size * unit.head_dim
-            group_kv = 0 if getattr(unit, "multi_query", False) else unit.head_dim  # MQA: shared k/v
+            group_kv = 0 if unit.multi_query else unit.head_dim  # multi-query: the k/v head is shared
             projections_ = shape.d_in * (group_q + 2 * group_kv) + group_q * shape.d_out
             self.group_cost.append(two * projections_ + 4 * seq_len**2 * group_q)
             gone = set(removed.groups.get(b, []))
