@@ -74,6 +74,8 @@ def test_the_demo_compacts_times_and_reports_on_a_tiny_model(tmp_path: Path, cap
     assert pruned["compact_dir"] == str(tmp_path / "demo" / "neuroprune" / "compact")
     assert sum(p.numel() for p in compacted.parameters()) == pruned["params"] == pruned["params_compacted"]
     assert pruned["params"] < dense["params"] == pruned["params_dense"]
+    shipped = ModelIndex.from_pretrained(tmp_path / "demo" / "neuroprune" / "compact")
+    assert sum(u.num_heads for u in shipped.attention) == pruned["heads_kept"] == pruned["heads_compacted"]
 
     # its FLOP fraction is what flop_count plans for the trained model, and what the run steered
     planned = flop_count(ModelIndex.from_pretrained(tmp_path / "demo" / "neuroprune" / "model"))

@@ -236,7 +236,10 @@ def run_demo(d: DemoSettings) -> dict[str, Any]:
         }
     print("\n=== compacting the NeuroPrune model and timing it against dense ===", flush=True)
     compact_dir, figures = compact_run(Path(results["neuroprune"]["run_dir"]))
-    results["neuroprune"].update(figures, params=figures["params_compacted"], compact_dir=str(compact_dir))
+    # heads as shipped: the dead key/value groups the FLOP target zeroed go at compaction, not in training
+    results["neuroprune"].update(figures, params=figures["params_compacted"], compact_dir=str(compact_dir),
+                                 heads_kept_training=results["neuroprune"]["heads_kept"],
+                                 heads_kept=figures["heads_compacted"])
     speed = measure_speed(d, RunDir(results["dense"]["run_dir"]).model_dir(), compact_dir, paths["test"])
     summary = {"settings": dataclasses.asdict(d), "results": results, "latency": speed,
                "machine": {**machine(), "load_average_before": load_before}}
