@@ -788,3 +788,15 @@ def test_same_layer_is_the_mlp_with_the_longest_shared_dotted_prefix():
     assert same_layer("model.layers.1.self_attn", mlps) is mlps[1]
     assert same_layer("model.layers.10.self_attn", mlps) is mlps[2]
     assert same_layer("model.layers.1.self_attn", []) is None
+
+
+def test_discovery_defaults_and_options_read_from_any_object():
+    layer = tiny_model("bert").encoder.layer[0]
+    del layer.attention
+    mlp_only = nn.ModuleList([layer])  # no `config` attribute, no attention block
+    with pytest.raises(UnsupportedArchitectureError, match="no attention block was found"):
+        ModelIndex(mlp_only)  # default: a model without attention is refused
+    index = ModelIndex(mlp_only, SimpleNamespace(allow_missing_attention=True))  # other options absent
+    assert (len(index.attention), len(index.mlps)) == (0, 1)
+    assert index.discovery == {"attention_layouts": [], "mlp_layouts": [], "attention_modules": None,
+                               "mlp_modules": None, "exclude_modules": None, "allow_missing_attention": True}
