@@ -64,10 +64,10 @@ SYNC_OPS = ("aten::_local_scalar_dense", "aten::nonzero")
 HOOKS = ("method.regularization_loss", "method.on_step_end")
 
 CASES: dict[str, dict[str, Any]] = {
-    "tiny": {"threads": 1, "batch": 8, "length": 32, "warmup": 8, "repeats": 64,
+    "tiny": {"threads": 1, "batch": 8, "length": 32, "warmup": 8, "repeats": 64, "total_steps": 400,
              "model": "random BertForSequenceClassification: 4 layers, hidden 128, 4 heads, FFN 512, "
                       "vocab 1000, num_labels 2"},
-    "minilm": {"threads": 2, "batch": 32, "length": 128, "warmup": 2, "repeats": 8,
+    "minilm": {"threads": 2, "batch": 32, "length": 128, "warmup": 1, "repeats": 4, "total_steps": 100,
                "model": "packaged all-MiniLM-L6-v2 (resolve_model_path('minilm')), "
                         "AutoModelForSequenceClassification, num_labels 2"},
 }
@@ -80,8 +80,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=0, help="timed steps per condition (0: the case's default)")
     p.add_argument("--warmup", type=int, default=-1, help="untimed steps per condition first (-1: default)")
     p.add_argument("--target-sparsity", type=float, default=0.9)
-    p.add_argument("--total-steps", type=int, default=400,
-                   help="the run length the methods are told (schedules, the work period of the target path)")
+    p.add_argument("--target-flops", type=float, default=0.5, help="for methods that take a FLOP target")
+    p.add_argument("--total-steps", type=int, default=0,
+                   help="the run length the methods are told (schedules, the work period of the target "
+                        "path); 0: the case's (tiny 400: period 8, MiniLM 100: period 4)")
     p.add_argument("--alpha", type=float, default=1e-2,
                    help="large enough that the targets prune inside the timed window")
     p.add_argument("--beta", type=float, default=1e-2)
@@ -103,17 +105,19 @@ def conditions(args: argparse.Namespace) -> list[tuple[str, str, dict[str, Any]]
     without a target where the method runs without one, with `--target-sparsity` where it takes
     one, and with a FLOP target where `build_method` offers one."""
     out = []
-    flops = "target_flops" in inspect.signature(registry.build_method).parameters
+    options: list[tuple[str, dict[str, Any]]] = [("", {}), (f"@{args.target_sparsity:g}",
+                                                            {"target_sparsity": args.target_sparsity})]
+    if "target_flops" in inspect.signature(registry.build_method).parameters:  # issue 14
+        flops = getattr(args, "target_flops", 0.5)  # memory.py's arguments have none
+        options.append((f"@flops{flops:g}", {"target_flops": flops}))
     for name in registry.METHODS:
-        for kwargs in ({}, {"target_sparsity": args.target_sparsity}):
+        for suffix, kwargs in options:
             try:
-                registry.check_method(name, kwargs.get("target_sparsity"))
+                registry.check_method(name, kwargs.get("target_sparsity"), **(
+                    {"target_flops": kwargs["target_flops"]} if "target_flops" in kwargs else {}))
             except Exception:  # noqa: BLE001 (the registry says this combination is refused)
                 continue
-            label = name if not kwargs else f"{name}@{args.target_sparsity:g}"
-            out.append((label, name, kwargs))
-        if flops and name == "neuroprune":
-            out.append(("neuroprune@flops0.5", name, {"target_flops": 0.5}))
+            out.append((name + suffix, name, kwargs))
     if args.methods:
         out = [c for c in out if c[0] in args.methods or c[0] == "dense"]
     return out
@@ -213,7 +217,7 @@ def run_case(case: str, args: argparse.Namespace) -> dict[str, Any]:
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
              "labels": torch.randint(0, 2, (spec["batch"],), generator=g)}
     config = NeuroPruneConfig(alpha=args.alpha, beta=args.beta)
-    total = args.total_steps
+    total = spec["total_steps"] = args.total_steps or spec["total_steps"]
     conds = conditions(args)
     runners = {name: Runner(base, method, kw, config, batch, total, args.lr) for name, method, kw in conds}
     for _ in range(spec["warmup"]):
@@ -293,7 +297,8 @@ def case_table(case: str, run: dict[str, Any]) -> list[str]:
         f"### {case}: {s['model']}", "",
         f"batch {s['batch']} x {s['length']}, {s['threads']} thread(s), {s['warmup']} warm-up + "
         f"{s['repeats']} timed steps per condition, interleaved; load average "
-        f"{run['load_start']['loadavg']} -> {run['load_end']['loadavg']}.", "",
+        f"{run['load_start']['loadavg']} -> {run['load_end']['loadavg']}."
+        + (f" Command: `{run['command']}`." if "command" in run else ""), "",
         "| condition | mean step (ms) | median (ms) | / dense, wall | paired median | / dense, CPU "
         "| ops / step | in hooks | syncs / step | in hooks | work period | sparsity at end |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -368,9 +373,10 @@ def main(argv: list[str] | None = None) -> int:
              "cases": {}}
     old = result["runs"].get(args.label, {}).get("cases", {})
     entry["cases"] = {k: v for k, v in old.items() if k not in args.cases}
-    for case in args.cases:
+    for case in args.cases:  # written after each case: a long MiniLM run killed keeps the rest
         entry["cases"][case] = run_case(case, args)
-    result["runs"][args.label] = entry
+        result["runs"][args.label] = entry
+        write_atomic(path, json.dumps(result, indent=2))
     if args.heads:
         result["head_pruning"] = head_pruning(args)
     write_atomic(path, json.dumps(result, indent=2))
