@@ -425,6 +425,7 @@ def main() -> None:
     args = parser.parse_args()
     start = time.monotonic()
     if not args.report_only:
+        args.rev = git_commit(args.rev)  # the commit snapshotted now (HEAD may move while it runs)
         prepare(args.keep, None if args.worktree else args.rev, args.overlay)
         mutmut("run", f"--max-children={args.max_children}", *(args.only or []))
     wall = time.monotonic() - start
