@@ -92,6 +92,8 @@ def test_the_demo_compacts_times_and_reports_on_a_tiny_model(tmp_path: Path, cap
     medians = {k: statistics.median(v) for k, v in times.items()}
     assert speed["median_s"] == pytest.approx(medians)
     assert speed["speedup"] == pytest.approx(medians["dense"] / medians["compacted"])
+    rounds = [a / b for a, b in zip(times["dense"], times["compacted"])]
+    assert speed["speedup_rounds_median"] == pytest.approx(statistics.median(rounds))
     assert summary["latency"]["speedup"] == speed["speedup"]
 
     out = capsys.readouterr().out

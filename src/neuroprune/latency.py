@@ -38,3 +38,10 @@ def interleaved(models: dict[str, Any], batch: dict[str, torch.Tensor], repeats:
 def speedup(timing: dict[str, Any], baseline: str, model: str) -> float:
     """How many times faster `model` ran than `baseline`: the ratio of their median times."""
     return timing["median_s"][baseline] / timing["median_s"][model]
+
+
+def round_speedup(timing: dict[str, Any], baseline: str, model: str) -> float:
+    """The median over rounds of `baseline`'s time over `model`'s in the same round: robust to a
+    load that changes during the measurement (the ratio of medians is not, when the load moves)."""
+    pairs = zip(timing["times_s"][baseline], timing["times_s"][model])
+    return statistics.median(b / m for b, m in pairs)
