@@ -191,8 +191,8 @@ def measure_speed(d: DemoSettings, dense_dir: Path, compact_dir: Path, test_file
     """Both models as a user gets them (`neuroprune.load` of the saved folders), timed
     alternately in this process with the torch threads as set; speed-up = ratio of medians, and
     the median of the per-round ratios beside it (the load of a shared machine moves)."""
-    from neuroprune import latency
     from neuroprune.model.index import load
+    from neuroprune.training import latency
 
     batch = timing_batch(d, test_file, dense_dir)
     timing = latency.interleaved({"dense": load(dense_dir), "compacted": load(compact_dir)}, batch,
