@@ -39,7 +39,6 @@ import argparse
 import json
 import os
 import random
-import statistics
 import subprocess
 import sys
 import time
@@ -231,32 +230,21 @@ def latency_batch(args: argparse.Namespace, files: dict[str, Path]) -> dict[str,
     )
 
 
-@torch.no_grad()
 def interleaved_latency(
     dense: Any, compacted: Any, batch: dict[str, torch.Tensor], repeats: int
 ) -> dict[str, Any]:
-    """Seconds per forward of the two models, timed alternately (dense first in even pairs,
-    compacted first in odd ones) after one warm-up each, so both see the same machine load."""
-    dense.eval()
-    compacted.eval()
-    dense(**batch)
-    compacted(**batch)
-    times: dict[str, list[float]] = {"dense": [], "compacted": []}
-    for i in range(repeats):
-        order = (("dense", dense), ("compacted", compacted))
-        for key, model in order if i % 2 == 0 else order[::-1]:
-            start = time.perf_counter()
-            model(**batch)
-            times[key].append(time.perf_counter() - start)
-    d, c = statistics.median(times["dense"]), statistics.median(times["compacted"])
-    pair_ratios = [a / b for a, b in zip(times["dense"], times["compacted"])]
+    """Seconds per forward of the two models, timed alternately in this process after one warm-up
+    each (`neuroprune.training.latency`), so both see the same machine load."""
+    from neuroprune.training import latency
+
+    timing = latency.interleaved({"dense": dense, "compacted": compacted}, batch, repeats)
     return {
-        "dense_s": d,
-        "compacted_s": c,
-        "speedup": d / c,
-        "speedup_pairs_median": statistics.median(pair_ratios),
-        "times": times,
-        "threads": torch.get_num_threads(),
+        "dense_s": timing["median_s"]["dense"],
+        "compacted_s": timing["median_s"]["compacted"],
+        "speedup": latency.speedup(timing, "dense", "compacted"),
+        "speedup_pairs_median": latency.round_speedup(timing, "dense", "compacted"),
+        "times": timing["times_s"],
+        "threads": timing["threads"],
         "repeats": repeats,
     }
 
