@@ -16,7 +16,13 @@ from neuroprune import distributed
 from neuroprune.config import NeuroPruneConfig
 from neuroprune.errors import ConfigError, DistributedError, NeuroPruneError, UnsupportedArchitectureError
 from neuroprune.methods.heads import group_distances, prune_unit, redundant_groups, similarity_from_distances
-from neuroprune.methods.penalties import attention_penalty, mlp_penalty, output_penalty
+from neuroprune.methods.penalties import (
+    attention_penalty,
+    fused_penalty,
+    mlp_penalty,
+    output_penalty,
+    row_weights,
+)
 from neuroprune.methods.penalty import Part, PenaltyMethod
 from neuroprune.methods.steering import SparsityTarget, cubic_schedule
 from neuroprune.methods.structural import Removed, StructuralPruner, UnitScores, alive_rows
@@ -77,6 +83,11 @@ class NeuroPrune(PenaltyMethod):
         if target is not None and target.heads is not None:
             self._check_head_target(target)
         self.structural: StructuralPruner | None = None
+        # refresh period of the cached preferential-attachment row weights (`degree_weights`);
+        # None: 1, or the selection period under a FLOP target
+        self.degree_every_steps: int | None = None
+        self.degree_every = 1
+        self._degree_cache: list[torch.Tensor] | None = None
         if target is not None and target.flops is not None:
             if prune_every_steps:
                 target = dataclasses.replace(target, select_every=prune_every_steps)
@@ -139,8 +150,45 @@ class NeuroPrune(PenaltyMethod):
         return out
 
     def part_penalty(self, parts: list[Part]) -> torch.Tensor:
-        zero = torch.zeros((), device=self.device)
-        return sum(self.weighted_penalties(tuple(p.weight for p in parts)).values(), zero)
+        """`weighted_penalties` of `parts` summed, as one autograd node (`fused_penalty`): the
+        per-step path. Its gradients are those of `weighted_penalties`; the row weights of the
+        preferential attachment come from `degree_weights` (refreshed every `degree_every` steps)."""
+        cfg, weights = self.config, {p.weight for p in parts}
+        alpha = self.alpha if "alpha" in weights else 0.0
+        beta = self.beta if "beta" in weights else 0.0
+        terms = self._pa_terms() if alpha else []
+        if alpha:
+            terms = list(zip(terms, self.degree_weights(terms)))
+        groups = []
+        if beta:  # the matrices with their graph (a transposed Conv1D weight is a view), the l1 without
+            mats = [list(u.qkv_matrices()) if u.qkv is None else [weight_matrix(u.qkv)]
+                    for u in self.index.attention]
+            with torch.no_grad():
+                groups = [(m, u.input_l1()) for m, u in zip(mats, self.index.attention)]
+        value = fused_penalty(terms, alpha, groups, beta, cfg.tiny)
+        return value if value.requires_grad else torch.zeros((), device=self.device)
+
+    def _pa_terms(self) -> list[list[torch.Tensor]]:
+        """The matrices of each preferential-attachment term, in a fixed order: per MLP its
+        expand matrices (rows shared) and its contract matrix; with `output_penalty`, each W^O."""
+        terms = [t for u in self.index.mlps for t in (u.expand_matrices(), [u.contract_matrix()])]
+        if self.config.output_penalty:
+            terms += [[weight_matrix(u.o)] for u in self.index.attention]
+        return terms
+
+    def degree_weights(self, terms: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+        """The row weights 1 / max(degree, 1/length) of each term, without a graph. Cached
+        between refreshes: `on_step_end` drops the cache every `degree_every` steps and whenever
+        the structure changed or units were removed (a degree moves only when a weight crosses
+        eps, which between selections a FLOP-target run's loss-side penalty rarely does).
+        `degree_every` = 1 (every run without a FLOP target) recomputes them on every call,
+        exactly as `preferential_attachment_l1` does."""
+        cached = self._degree_cache
+        if self.degree_every <= 1 or cached is None or len(cached) != len(terms) or any(
+                w.shape[0] != t[0].shape[0] for w, t in zip(cached, terms)):
+            cached = [row_weights(t, self.config.eps) for t in terms]
+            self._degree_cache = cached if self.degree_every > 1 else None
+        return cached
 
     # --- heads ---------------------------------------------------------------------------------
     def prune_redundant_heads(self, theta: float | None = None) -> dict[str, list[int]]:
@@ -279,9 +327,12 @@ class NeuroPrune(PenaltyMethod):
     # --- hooks ---------------------------------------------------------------------------------
     def on_train_begin(self, total_steps: int, optimizer: torch.optim.Optimizer | None = None) -> None:
         super().on_train_begin(total_steps, optimizer)
+        self._degree_cache = None
         if self.structural is not None:
             self.structural.begin(total_steps)
+            self.degree_every = self.degree_every_steps or self.structural.every
             return
+        self.degree_every = self.degree_every_steps or 1
         t = self.target
         if t is not None and t.heads is not None and not self.prune_every_steps:
             # passes at epoch ends only would fall after the head ramp: ~10 passes inside it
@@ -289,14 +340,20 @@ class NeuroPrune(PenaltyMethod):
             self.prune_every_steps = max(1, round(ramp_steps / 10))
 
     def structural_step(self, step: int) -> list[ParamChange]:
+        if step % self.degree_every == 0:
+            self._degree_cache = None
         if self.structural is not None:  # masks, no surgery: the optimiser state stays valid
             self.structural.step(step)
+            if self.structural.last_selection == step:  # units removed: degrees moved
+                self._degree_cache = None
             return []
+        self._degree_cache = None
         if self.prune_every_steps and step % self.prune_every_steps == 0:
             return self._pass()
         return []
 
     def on_epoch_end(self, epoch: int) -> list[ParamChange]:
+        self._degree_cache = None
         if self.structural is not None:  # heads go on the FLOP schedule, not at epoch ends
             return super().on_epoch_end(epoch)
         changes = self._pass()
@@ -337,6 +394,7 @@ class NeuroPrune(PenaltyMethod):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
+        self._degree_cache = None
         self.theta = float(state.get("theta", self.theta))
         self._pruned_at = state.get("pruned_at")
         self.prune_every_steps = int(state.get("prune_every_steps", self.prune_every_steps))

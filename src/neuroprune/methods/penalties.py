@@ -40,3 +40,72 @@ def output_penalty(unit: AttentionUnit, eps: float) -> torch.Tensor:
     """The preferential-attachment penalty on the rows of the output projection W^O (opt-in,
     `NeuroPruneConfig.output_penalty`): treats W^O as the attention block's contract matrix."""
     return preferential_attachment_l1([weight_matrix(unit.o)], eps)
+
+
+# --- the per-step path: one autograd node, multi-tensor backward (issue 15) --------------------
+
+class _SignScaled(torch.autograd.Function):
+    """`value` (computed by the caller without a graph) whose gradient with respect to matrix
+    `mats[m]` is ``sign(mats[m]) * scales[m] * g``: the form of every l1-type penalty here, whose
+    gradient is |w|'s sign times a per-row or per-column factor. One node instead of ~10 per
+    matrix, and a backward of two multi-tensor calls (`torch._foreach_*`)."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, value: torch.Tensor, scales: list[torch.Tensor],
+                *mats: torch.Tensor) -> torch.Tensor:
+        ctx.scales = scales  # small vectors made without a graph
+        ctx.save_for_backward(*mats)
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx,
+                 g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        mats = list(ctx.saved_tensors)
+        grads = torch._foreach_sign(mats)  # sign(0) = 0, as abs' own gradient
+        torch._foreach_mul_(grads, torch._foreach_mul(ctx.scales, g))
+        return (None, None, *grads)
+
+
+@torch.no_grad()
+def row_weights(mats: list[torch.Tensor], eps: float) -> torch.Tensor:
+    """1 / max(degree, 1/row_length) of the rows `mats` share: the preferential-attachment weight
+    of `preferential_attachment_l1`, computed the same way (a constant of the penalty)."""
+    length = sum(m.shape[1] for m in mats)
+    return 1.0 / degree_of_sizes([m.abs() for m in mats], eps).clamp(min=1.0 / length)
+
+
+def fused_penalty(pa_terms: list[tuple[list[torch.Tensor], torch.Tensor]], alpha: float,
+                  groups: list[tuple[list[torch.Tensor], torch.Tensor]], beta: float,
+                  tiny: float) -> torch.Tensor:
+    """alpha * sum of the preferential-attachment terms (matrices sharing rows, with their row
+    weights from `row_weights`) + beta * sum of the l_{1,0.5} terms (matrices sharing input
+    columns, with their column l1 from `AttentionUnit.input_l1`), as one autograd node whose
+    gradients equal those of `preferential_attachment_l1` / `group_l1_half` with the same row
+    weights (same floating-point products when the loss' gradient is 1)."""
+    mats: list[torch.Tensor] = []
+    scales: list[torch.Tensor] = []
+    values: list[torch.Tensor] = []
+    with torch.no_grad():
+        if alpha and pa_terms:
+            l1s, ws = [], []
+            for term, weight in pa_terms:
+                l1s.append(sum(torch.linalg.vector_norm(m, 1, dim=1) for m in term))
+                ws.append(weight)
+                scale = (weight * alpha)[:, None]
+                for m in term:
+                    mats.append(m)
+                    scales.append(scale)
+            values.append(alpha * torch.dot(torch.cat(l1s), torch.cat(ws)))
+        if beta and groups:
+            roots = torch.sqrt(torch.cat([l1 for _, l1 in groups]) + tiny)
+            values.append(beta * roots.sum())
+            col = torch.full_like(roots, beta).div_(2 * roots).split(  # as sqrt's backward
+                [l1.numel() for _, l1 in groups])
+            for (term, _), scale in zip(groups, col):
+                for m in term:
+                    mats.append(m)
+                    scales.append(scale[None, :])
+        if not mats:
+            return torch.zeros(())
+        value = values[0] if len(values) == 1 else values[0] + values[1]
+    return _SignScaled.apply(value, scales, *mats)

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from neuroprune.compaction import CompactionRule, neuron_constants, plan
+from neuroprune.compaction import CompactionPlan, CompactionRule, neuron_constants, plan
 from neuroprune.errors import ConfigError
 from neuroprune.methods.steering import SparsityTarget
 from neuroprune.model.flops import (
@@ -197,14 +197,15 @@ class _Budget:
 
 def select_to_budget(index: ModelIndex, scores: UnitScores, budget: int, seq_len: int,
                      rule: CompactionRule, kinds: tuple[str, ...], removed: Removed,
-                     floor: int | None = None) -> Removed:
+                     floor: int | None = None, now: CompactionPlan | None = None) -> Removed:
     """The lowest-scoring present units whose removal brings the planned compacted block FLOPs
     down to `budget`. A unit whose removal would take them below `floor` (the final budget, less a
     tolerance) is skipped, so the run can land on its target although a head may cost 10% of a
     tiny model. Each block keeps at least one group, one input dim and one neuron. Input dims are
     kept in blocks where too few of them go for `compact` to gather the input
-    (`rule.min_input_fraction`): there removing them would save nothing."""
-    now = plan(index, rule)
+    (`rule.min_input_fraction`): there removing them would save nothing. `now`: the current
+    `plan(index, rule)` if the caller has it (a plan costs more than the selection itself)."""
+    now = plan(index, rule) if now is None else now
     planned = planned_flops(now, seq_len)
     need = planned - budget
     chosen = Removed()
@@ -408,10 +409,11 @@ class StructuralPruner:
         self.scheduled = self.target.flops_at(step, self.total_steps)
         budget = int(self.scheduled * self.dense)
         floor = int((self.target.flops - LANDING) * self.dense)
+        now = plan(self.index, self.rule)  # one plan per round: the next round starts from it
         for _ in range(CORRECTION_ROUNDS):
             scores = normalise(self.scorer(self.removed), self.removed)
             chosen = select_to_budget(self.index, scores, budget, self.target.seq_len, self.rule,
-                                      self.target.kinds, self.removed, floor)
+                                      self.target.kinds, self.removed, floor, now)
             if not any(getattr(chosen, k) for k in ("neurons", "groups", "inputs")):
                 break
             if self.choose_groups is not None:
@@ -422,10 +424,10 @@ class StructuralPruner:
                     self.removed.add(kind, b, positions)
             self.masks.build(self.removed)
             self.masks.apply()
-            planned = planned_flops(plan(self.index, self.rule), self.target.seq_len)
-            if planned <= budget + TOLERANCE * self.dense:
+            now = plan(self.index, self.rule)
+            if planned_flops(now, self.target.seq_len) <= budget + TOLERANCE * self.dense:
                 break
-        self.planned = planned_flops(plan(self.index, self.rule), self.target.seq_len) / self.dense
+        self.planned = planned_flops(now, self.target.seq_len) / self.dense
 
     def state_dict(self) -> dict[str, Any]:
         return {"removed": self.removed.to_dict(), "last_selection": self.last_selection,
