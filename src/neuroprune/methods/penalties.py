@@ -89,7 +89,10 @@ def fused_penalty(pa_terms: list[tuple[list[torch.Tensor], torch.Tensor]], alpha
         if alpha and pa_terms:
             l1s, ws = [], []
             for term, weight in pa_terms:
-                l1s.append(sum(torch.linalg.vector_norm(m, 1, dim=1) for m in term))
+                l1 = term[0].abs().sum(1)  # (vector_norm(ord=1) is 6x slower on CPU)
+                for m in term[1:]:
+                    l1 = l1 + m.abs().sum(1)
+                l1s.append(l1)
                 ws.append(weight)
                 scale = (weight * alpha)[:, None]
                 for m in term:

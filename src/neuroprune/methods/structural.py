@@ -221,6 +221,7 @@ def select_to_budget(index: ModelIndex, scores: UnitScores, budget: int, seq_len
     candidates.sort(key=lambda c: c.score)
     saved = 0
     too_big: list[Candidate] = []
+    taken: dict[tuple[str, int], list[int]] = {}  # added to `chosen` at the end (one sort each)
     for c in candidates:
         if saved >= need:
             break
@@ -231,7 +232,9 @@ def select_to_budget(index: ModelIndex, scores: UnitScores, budget: int, seq_len
             continue
         account.take(c.kind, c.block)
         saved += gain
-        chosen.add(c.kind, c.block, [c.position])
+        taken.setdefault((c.kind, c.block), []).append(c.position)
+    for (kind, block), positions in taken.items():
+        chosen.add(kind, block, positions)
     if saved < need and too_big:  # coarse units left: take the one that lands closest, if closer
         gains = [(account.saving(c.kind, c.block), c) for c in too_big]
         gain, c = min(((g, c) for g, c in gains if g is not None), key=lambda x: x[0], default=(None, None))
