@@ -166,7 +166,7 @@ class NeuroPrune(PenaltyMethod):
             with torch.no_grad():
                 groups = [(m, u.input_l1()) for m, u in zip(mats, self.index.attention)]
         value = fused_penalty(terms, alpha, groups, beta, cfg.tiny)
-        return value if value.requires_grad else torch.zeros((), device=self.device)
+        return torch.zeros((), device=self.device) if value is None else value
 
     def _pa_terms(self) -> list[list[torch.Tensor]]:
         """The matrices of each preferential-attachment term, in a fixed order: per MLP its

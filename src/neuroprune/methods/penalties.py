@@ -76,12 +76,12 @@ def row_weights(mats: list[torch.Tensor], eps: float) -> torch.Tensor:
 
 def fused_penalty(pa_terms: list[tuple[list[torch.Tensor], torch.Tensor]], alpha: float,
                   groups: list[tuple[list[torch.Tensor], torch.Tensor]], beta: float,
-                  tiny: float) -> torch.Tensor:
+                  tiny: float) -> torch.Tensor | None:
     """alpha * sum of the preferential-attachment terms (matrices sharing rows, with their row
     weights from `row_weights`) + beta * sum of the l_{1,0.5} terms (matrices sharing input
     columns, with their column l1 from `AttentionUnit.input_l1`), as one autograd node whose
     gradients equal those of `preferential_attachment_l1` / `group_l1_half` with the same row
-    weights (same floating-point products when the loss' gradient is 1)."""
+    weights (same floating-point products when the loss' gradient is 1). None: no term."""
     mats: list[torch.Tensor] = []
     scales: list[torch.Tensor] = []
     values: list[torch.Tensor] = []
@@ -109,6 +109,6 @@ def fused_penalty(pa_terms: list[tuple[list[torch.Tensor], torch.Tensor]], alpha
                     mats.append(m)
                     scales.append(scale[None, :])
         if not mats:
-            return torch.zeros(())
+            return None
         value = values[0] if len(values) == 1 else values[0] + values[1]
     return _SignScaled.apply(value, scales, *mats)
