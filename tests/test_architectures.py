@@ -287,3 +287,20 @@ def test_multi_query_block_recognised_by_shapes_loses_a_query_head_exactly():
     assert pruner.prune_redundant_heads() == {"blocks.0": [0], "blocks.1": [0]}
     assert model.blocks[0].to_q.out_features == 4 and model.blocks[0].to_k.out_features == 4
     torch.testing.assert_close(model(x), before, atol=1e-6, rtol=0)
+
+
+def test_gpt2_cross_attention_is_refused_not_misread():
+    """GPT-2's cross-attention keeps Q in `q_attn` and only [k | v] in `c_attn`; the fused
+    [q | k | v] layout would read it as grouped-query attention with two K/V heads and prune K
+    rows as if they were queries. Refused, naming the block and the way out."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from neuroprune import NeuroPrune, NeuroPruneConfig, UnsupportedArchitectureError
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=100,
+                                       add_cross_attention=True))
+    with pytest.raises(UnsupportedArchitectureError, match=r"h\.0\.crossattention.*q_attn.*exclude_modules"):
+        NeuroPrune(model, NeuroPruneConfig())
+    kept = NeuroPrune(model, NeuroPruneConfig(exclude_modules="crossattention"))
+    assert [u.name for u in kept.index.attention] == ["transformer.h.0.attn", "transformer.h.1.attn"]
+    assert all(u.num_heads == 4 and u.num_kv_heads == 4 for u in kept.index.attention)

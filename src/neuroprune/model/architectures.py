@@ -387,8 +387,33 @@ def discover(
 
         return keep
 
-    return ([f for f in attention if keeper(attention_modules)(f)],
-            [f for f in mlps if keeper(mlp_modules)(f)])
+    kept = [f for f in attention if keeper(attention_modules)(f)]
+    _refuse_split_query(kept)
+    return kept, [f for f in mlps if keeper(mlp_modules)(f)]
+
+
+# Names of a separate query projection beside a fused one: GPT-2's cross-attention keeps its query
+# in `q_attn` and only [k | v] in `c_attn`, which the fused [q | k | v] layout would misread.
+SEPARATE_QUERY_NAMES = ("q_attn", "q_proj", "query")
+
+
+def _refuse_split_query(attention: list[Found]) -> None:
+    """A block matched by a fused [q | k | v] layout that also has its own query projection is a
+    cross-attention whose fused projection holds [k | v] only: reading it as [q | k | v] would
+    take K rows for Q rows and prune silently wrong heads."""
+    for found in attention:
+        if not found.layout.qkv:
+            continue
+        extra = [n for n in SEPARATE_QUERY_NAMES if is_projection(child_module(found.module, n))]
+        if extra:
+            raise UnsupportedArchitectureError(
+                f"{found.name} has a separate query projection `{extra[0]}` beside its fused "
+                f"`{found.layout.qkv}`: a cross-attention (e.g. GPT-2 with add_cross_attention) whose "
+                "fused projection holds "
+                "[k | v] only, which neuroprune does not support. Leave these blocks out with "
+                f"exclude_modules (e.g. exclude_modules={found.name.rsplit('.', 1)[-1]!r}) to prune "
+                "the rest of the model."
+            )
 
 
 def _projections_of(blocks: list[Found]) -> list[str]:
