@@ -11,7 +11,8 @@ accuracy on the first N rows of SST-2's *validation* split, never its test split
 - no-penalty: the same with alpha = beta = 0 (scores of the pretrained / fine-tuning weights only);
 - heads-importance: groups by lowest importance, no dominating-set pass;
 - magnitude-scores: the same selection with plain norm scores (the structured-magnitude baseline's
-  scores, `structural.magnitude_scores`);
+  scores, `structured.magnitude_scores`; the committed results used an earlier variant that scored
+  a head by its output-projection slice only);
 - no-inputs: only neurons and heads may go (no gathered attention inputs);
 - rank-normalised: the default with each kind's scores replaced by their quantile (every kind
   loses about the same fraction of its units) instead of divided by their mean;
@@ -45,7 +46,7 @@ from neuroprune import NeuroPruneConfig, remap_optimizer
 from neuroprune.compaction import compact, flop_count
 from neuroprune.methods import build_method, structural
 from neuroprune.methods.steering import SparsityTarget
-from neuroprune.methods.structural import magnitude_scores
+from neuroprune.methods.structured import magnitude_scores
 from sweep import DATA, batches, evaluate, load_model, predictions, read_jsonl
 
 RESULTS = Path(__file__).resolve().parent / "results"

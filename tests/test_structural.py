@@ -16,7 +16,8 @@ from neuroprune.config import NeuroPruneConfig
 from neuroprune.errors import ConfigError
 from neuroprune.methods import build_method, check_method
 from neuroprune.methods.steering import SparsityTarget
-from neuroprune.methods.structural import Removed, magnitude_scores, normalise, select_to_budget
+from neuroprune.methods.structural import Removed, normalise, select_to_budget
+from neuroprune.methods.structured import magnitude_scores
 from neuroprune.model.flops import current_flops
 from neuroprune.model.index import ModelIndex
 from neuroprune.training.settings import TrainSettings

@@ -64,6 +64,32 @@ def _pnorm(t: torch.Tensor, p: int, dim: int | None = None) -> torch.Tensor:
     return powered.sum() if dim is None else powered.sum(dim)
 
 
+@torch.no_grad()
+def magnitude_scores(index: ModelIndex, removed: Removed | None = None, p: int = 2,
+                     neuron_fan_out: bool = False) -> UnitScores:
+    """The structured-magnitude scores (module docstring), the one home of "plain norms" (the
+    ablation of NeuroPrune's scores uses them too): a neuron's fan-in row p-norm (times its
+    fan-out column norm with `neuron_fan_out`), a key/value group's norm over its Q/K/V rows and
+    output-projection columns, an input dim's q/k/v column norm over the groups present."""
+    removed = removed or Removed()
+    root = 1.0 / p
+    neurons = []
+    for unit in index.mlps:
+        fan_in = sum(_pnorm(m.detach(), p, 1) for m in unit.expand_matrices()) ** root
+        if neuron_fan_out:
+            fan_in = fan_in * _pnorm(weight_matrix(unit.down).detach(), p, 0) ** root
+        neurons.append(fan_in)
+    groups, inputs = [], []
+    for b, unit in enumerate(index.attention):
+        o = weight_matrix(unit.o).detach()
+        blocks = _pnorm(unit.group_blocks(), p, 1)
+        out = torch.stack([_pnorm(o[:, unit.query_rows([g])], p) for g in range(unit.num_kv_heads)])
+        groups.append((blocks + out) ** root)
+        rows = alive_rows(unit, removed.groups.get(b, []))
+        inputs.append(sum(_pnorm(r, p, 0) for r in rows) ** root)
+    return UnitScores(neurons, groups, inputs)
+
+
 class StructuredMagnitude(SparsityMethod):
     """Structured magnitude pruning to a FLOP budget (module docstring). Runtime state: the
     `StructuralPruner`'s (removed units, last selection, scheduled and planned FLOP fractions),
@@ -88,26 +114,9 @@ class StructuredMagnitude(SparsityMethod):
         self.structural = StructuralPruner(self.index, target, self.unit_scores)
 
     # --- scores ----------------------------------------------------------------------------------
-    @torch.no_grad()
     def unit_scores(self, removed: Removed) -> UnitScores:
-        """Norms of each present unit's weights (module docstring); higher = keep."""
-        p = self.config.norm
-        root = 1.0 / p
-        neurons = []
-        for unit in self.index.mlps:
-            fan_in = sum(_pnorm(m.detach(), p, 1) for m in unit.expand_matrices()) ** root
-            if self.config.neuron_fan_out:
-                fan_in = fan_in * _pnorm(weight_matrix(unit.down).detach(), p, 0) ** root
-            neurons.append(fan_in)
-        groups, inputs = [], []
-        for b, unit in enumerate(self.index.attention):
-            o = weight_matrix(unit.o).detach()
-            blocks = _pnorm(unit.group_blocks(), p, 1)
-            out = torch.stack([_pnorm(o[:, unit.query_rows([g])], p) for g in range(unit.num_kv_heads)])
-            groups.append((blocks + out) ** root)
-            rows = alive_rows(unit, removed.groups.get(b, []))
-            inputs.append(sum(_pnorm(r, p, 0) for r in rows) ** root)
-        return UnitScores(neurons, groups, inputs)
+        """Norms of each present unit's weights (`magnitude_scores`); higher = keep."""
+        return magnitude_scores(self.index, removed, self.config.norm, self.config.neuron_fan_out)
 
     # --- hooks -----------------------------------------------------------------------------------
     def on_train_begin(self, total_steps: int, optimizer: torch.optim.Optimizer | None = None) -> None:
