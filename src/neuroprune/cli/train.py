@@ -59,6 +59,9 @@ HELP = {
     "target_flops": "ask for a compacted model whose attention + MLP blocks cost this fraction of the "
     "dense blocks' FLOPs at 128 tokens (e.g. 0.5): whole neurons, heads and input dims are removed on "
     "a schedule (neuroprune); instead of --target-sparsity",
+    "uniform_widths": "with --target-flops: remove the same number of neurons and of key/value heads in "
+    "every layer (no attention input dims), so `neuroprune compact --uniform` saves a model the stock "
+    "class loads with no padding (Llama / Qwen2 / Mistral style families)",
     "target_heads": "neuroprune with --target-sparsity: end with this many attention heads (theta is "
     "steered; head-pruning passes every few steps unless --prune-every-steps is given)",
     "distill_from": "recovery by distillation (opt-in): a fine-tuned dense teacher, the --output-dir of a "

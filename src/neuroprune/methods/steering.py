@@ -108,6 +108,11 @@ class SparsityTarget:
         heads_by: which key/value groups go once the budget says how many per block:
             "redundancy" (NeuroPrune's dominating-set pass with theta steered to that number,
             the rest by importance) or "importance" (lowest score first).
+        uniform: with `flops`: every layer loses the same number of MLP neurons and of key/value
+            groups (each layer its own lowest-scoring ones) and no attention input dims, so that
+            `compact --uniform` (`compaction.compact_uniform`) saves the model the family's stock
+            class loads with no padding. Refused for families whose stock config cannot describe
+            uniformly narrower layers (the check `compact_uniform` makes).
     """
 
     sparsity: float | None = None
@@ -127,6 +132,7 @@ class SparsityTarget:
     select_every: int = 0
     kinds: tuple[str, ...] = FLOP_KINDS
     heads_by: str = "redundancy"
+    uniform: bool = False
 
     def __post_init__(self) -> None:
         self.kinds = tuple(self.kinds)  # a list after a JSON round trip (checkpoints)
@@ -145,6 +151,13 @@ class SparsityTarget:
         if not 0.0 <= self.ramp_begin <= self.ramp_end <= 1.0:
             raise ConfigError(
                 f"need 0 <= ramp_begin <= ramp_end <= 1, got {self.ramp_begin} and {self.ramp_end}."
+            )
+        if not isinstance(self.uniform, bool):
+            raise ConfigError(f"uniform must be true or false, got {self.uniform!r}.")
+        if self.uniform and f is None:
+            raise ConfigError(
+                "uniform widths (--uniform-widths) shape the structural selection of a FLOP target: "
+                "give --target-flops F instead of --target-sparsity."
             )
         h = self.heads
         if h is not None and (isinstance(h, bool) or not isinstance(h, int) or h < 1):

@@ -9,7 +9,7 @@ survivors train freely. How much a removal saves is read from `compaction.plan`,
 `compact` makes, so the FLOP fraction steered is the one the compacted model has.
 
 The method supplies the scores (`Scorer`): NeuroPrune uses its paper's mechanisms
-(`NeuroPrune.unit_scores`), the structured-magnitude baseline plain norms (`magnitude_scores`).
+(`NeuroPrune.unit_scores`), the structured-magnitude baseline plain norms (`structured.magnitude_scores`).
 Scores of different kinds are made comparable by dividing each kind's scores by their mean over
 the units still present (a unit scoring half its kind's average goes before one scoring 0.9 of
 its own), so the split of the budget between neurons, heads and input dims is decided by the
@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
-from neuroprune.compaction import CompactionPlan, CompactionRule, neuron_constants, plan
-from neuroprune.errors import ConfigError
+from neuroprune.compaction import CompactionPlan, CompactionRule, compact_uniform, neuron_constants, plan
+from neuroprune.errors import ConfigError, UnsupportedArchitectureError
 from neuroprune.methods.steering import SparsityTarget
 from neuroprune.model.flops import (
     AttentionShape,
@@ -95,31 +95,16 @@ def alive_rows(unit: AttentionUnit, removed_groups: list[int]) -> tuple[torch.Te
     return q[unit.query_rows(keep)], k[kv], v[kv]
 
 
-@torch.no_grad()
-def magnitude_scores(index: ModelIndex, removed: Removed | None = None) -> UnitScores:
-    """Plain norms (the structured-magnitude baseline): a neuron's fan-in row norm (gate and up
-    rows together), a group's output-projection slice norm, an input dim's q/k/v column norm (over
-    the rows of the groups present, per row)."""
-    removed = removed or Removed()
-    neurons = [torch.cat(u.expand_matrices(), 1).detach().norm(dim=1) for u in index.mlps]
-    groups, inputs = [], []
-    for b, unit in enumerate(index.attention):
-        o = weight_matrix(unit.o).detach()
-        groups.append(torch.stack([o[:, unit.query_rows([g])].norm() for g in range(unit.num_kv_heads)]))
-        rows = alive_rows(unit, removed.groups.get(b, []))
-        stacked = torch.cat(rows, 0)
-        inputs.append(stacked.norm(dim=0) / stacked.shape[0] ** 0.5)  # per row: blocks compare
-    return UnitScores(neurons, groups, inputs)
-
-
 # --- selection --------------------------------------------------------------------------------
 
 @dataclass
 class Candidate:
+    """One removal: a unit, or (uniform widths) a rank slice, the r-th lowest-scoring present unit
+    of its kind in every block at once, scored by their mean."""
+
     score: float
     kind: str
-    block: int
-    position: int
+    units: list[tuple[int, int]]  # (block, position)
 
 
 def _round_up(kept: int, multiple: int) -> int:
@@ -190,6 +175,15 @@ class _Budget:
     def take(self, kind: str, b: int) -> None:
         getattr(self, f"{kind}_left")[b] -= 1
 
+    def gain(self, c: Candidate) -> int | None:
+        """What taking all of `c`'s units saves (None: one of its blocks must keep what it has)."""
+        savings = [self.saving(c.kind, b) for b, _ in c.units]
+        return None if None in savings else sum(savings)
+
+    def take_all(self, c: Candidate) -> None:
+        for b, _ in c.units:
+            self.take(c.kind, b)
+
     def below_threshold(self, b: int) -> bool:
         threshold = math.ceil(self.rule.min_input_fraction * self.width[b] - 1e-9)
         return not self.gathered[b] and self.width[b] - self.inputs_left[b] < threshold
@@ -197,14 +191,17 @@ class _Budget:
 
 def select_to_budget(index: ModelIndex, scores: UnitScores, budget: int, seq_len: int,
                      rule: CompactionRule, kinds: tuple[str, ...], removed: Removed,
-                     floor: int | None = None, now: CompactionPlan | None = None) -> Removed:
+                     floor: int | None = None, now: CompactionPlan | None = None,
+                     uniform: bool = False) -> Removed:
     """The lowest-scoring present units whose removal brings the planned compacted block FLOPs
     down to `budget`. A unit whose removal would take them below `floor` (the final budget, less a
     tolerance) is skipped, so the run can land on its target although a head may cost 10% of a
     tiny model. Each block keeps at least one group, one input dim and one neuron. Input dims are
     kept in blocks where too few of them go for `compact` to gather the input
     (`rule.min_input_fraction`): there removing them would save nothing. `now`: the current
-    `plan(index, rule)` if the caller has it (a plan costs more than the selection itself)."""
+    `plan(index, rule)` if the caller has it (a plan costs more than the selection itself).
+    `uniform`: candidates are rank slices (`Candidate`), so every block loses as many units of a
+    kind as every other; no input dims (a stock config cannot describe gathered inputs)."""
     now = plan(index, rule) if now is None else now
     planned = planned_flops(now, seq_len)
     need = planned - budget
@@ -215,9 +212,10 @@ def select_to_budget(index: ModelIndex, scores: UnitScores, budget: int, seq_len
     account = _Budget(index, now, seq_len, rule, removed, scores.inputs)
     candidates: list[Candidate] = []
     for kind, table in (("neurons", scores.neurons), ("groups", scores.groups), ("inputs", scores.inputs)):
-        if (kind if kind != "groups" else "heads") in kinds:
-            for b, values in enumerate(table):
-                candidates += _of_kind(values, account.gone(kind, b), kind, b)
+        if (kind if kind != "groups" else "heads") not in kinds or (uniform and kind == "inputs"):
+            continue
+        per_block = [_of_kind(values, account.gone(kind, b), kind, b) for b, values in enumerate(table)]
+        candidates += _slices(per_block, kind) if uniform else [c for block in per_block for c in block]
     candidates.sort(key=lambda c: c.score)
     saved = 0
     too_big: list[Candidate] = []
@@ -225,22 +223,24 @@ def select_to_budget(index: ModelIndex, scores: UnitScores, budget: int, seq_len
     for c in candidates:
         if saved >= need:
             break
-        gain = account.saving(c.kind, c.block)
+        gain = account.gain(c)
         if gain is not None and saved + gain > room:
             too_big.append(c)
         if gain is None or saved + gain > room:
             continue
-        account.take(c.kind, c.block)
+        account.take_all(c)
         saved += gain
-        taken.setdefault((c.kind, c.block), []).append(c.position)
+        for b, position in c.units:
+            taken.setdefault((c.kind, b), []).append(position)
     for (kind, block), positions in taken.items():
         chosen.add(kind, block, positions)
     if saved < need and too_big:  # coarse units left: take the one that lands closest, if closer
-        gains = [(account.saving(c.kind, c.block), c) for c in too_big]
+        gains = [(account.gain(c), c) for c in too_big]
         gain, c = min(((g, c) for g, c in gains if g is not None), key=lambda x: x[0], default=(None, None))
         if gain is not None and saved + gain - need < need - saved:
-            account.take(c.kind, c.block)
-            chosen.add(c.kind, c.block, [c.position])
+            account.take_all(c)
+            for b, position in c.units:
+                chosen.add(c.kind, b, [position])
     for b in list(chosen.inputs):
         if account.below_threshold(b):
             del chosen.inputs[b]
@@ -249,7 +249,18 @@ def select_to_budget(index: ModelIndex, scores: UnitScores, budget: int, seq_len
 
 def _of_kind(scores: torch.Tensor, gone: set[int], kind: str, block: int) -> list[Candidate]:
     values = scores.detach().double().tolist()
-    return [Candidate(v, kind, block, i) for i, v in enumerate(values) if i not in gone]
+    return [Candidate(v, kind, [(block, i)]) for i, v in enumerate(values) if i not in gone]
+
+
+def _slices(per_block: list[list[Candidate]], kind: str) -> list[Candidate]:
+    """Rank slices of the present units of every block (lowest first in each): slice r holds each
+    block's r-th lowest, scored by their mean (non-decreasing in r, so slices go in rank order)."""
+    if not per_block:
+        return []
+    ranked = [sorted(block, key=lambda c: c.score) for block in per_block]
+    depth = min(len(block) for block in ranked)
+    return [Candidate(sum(block[r].score for block in ranked) / len(ranked), kind,
+                      [block[r].units[0] for block in ranked]) for r in range(depth)]
 
 
 def normalise(scores: UnitScores, removed: Removed) -> UnitScores:
@@ -345,6 +356,28 @@ class StructureMasks:
 
 # --- the schedule -----------------------------------------------------------------------------
 
+def check_uniform(index: ModelIndex, rule: CompactionRule) -> None:
+    """Refuse uniform widths (`SparsityTarget.uniform`) where `compact_uniform` would refuse the
+    result: its own check, run once on a copy of the model with one key/value group and
+    `rule.multiple_of` neurons per block zeroed (the copy is dropped)."""
+    import copy
+
+    model = copy.deepcopy(index.model)
+    twin = ModelIndex(model, index.discovery)
+    with torch.no_grad():
+        for unit in twin.attention:
+            if unit.num_kv_heads > 1:
+                weight_matrix(unit.o)[:, unit.query_rows([0])] = 0
+        for unit in twin.mlps:
+            weight_matrix(unit.down)[:, : rule.multiple_of] = 0
+    try:
+        compact_uniform(twin, rule=rule)
+    except UnsupportedArchitectureError as err:
+        raise ConfigError(f"uniform widths (--uniform-widths) are refused for this model: {err}") from None
+    finally:
+        del model, twin
+
+
 GroupChooser = Callable[[int, list[int], torch.Tensor, Removed], list[int]]
 
 
@@ -364,6 +397,11 @@ class StructuralPruner:
         self.scorer = scorer
         self.choose_groups = choose_groups
         self.rule = rule or CompactionRule()
+        self.kinds = target.kinds
+        if target.uniform:  # plan as `compact_uniform` compacts: no gathers, no dropped rows
+            check_uniform(index, self.rule)
+            self.rule = CompactionRule(1.0, 1.0, self.rule.multiple_of)
+            self.kinds = tuple(k for k in target.kinds if k != "inputs")
         self.removed = Removed()
         self.masks = StructureMasks(index)
         self.total_steps = 0
@@ -377,7 +415,7 @@ class StructuralPruner:
         """The least FLOP fraction selection can reach: every block keeps one key/value group
         (all of them where the family refuses head removal), one input dim (all without "inputs"
         in `target.kinds`) and `rule.multiple_of` neurons (all without "neurons")."""
-        seq, kinds, least = self.target.seq_len, self.target.kinds, 0
+        seq, kinds, least = self.target.seq_len, self.kinds, 0
         for unit in self.index.attention:
             full = original_attention(unit)
             keep_all = "heads" not in kinds or getattr(unit, "head_removal_refused", None)
@@ -429,7 +467,7 @@ class StructuralPruner:
         for _ in range(CORRECTION_ROUNDS):
             scores = normalise(self.scorer(self.removed), self.removed)
             chosen = select_to_budget(self.index, scores, budget, self.target.seq_len, self.rule,
-                                      self.target.kinds, self.removed, floor, now)
+                                      self.kinds, self.removed, floor, now, self.target.uniform)
             if not any(getattr(chosen, k) for k in ("neurons", "groups", "inputs")):
                 break
             if self.choose_groups is not None:

@@ -11,6 +11,7 @@ from neuroprune.config import MethodConfig
 from neuroprune.errors import ConfigError
 from neuroprune.integrations.distill import check_distill_values
 from neuroprune.methods import check_method, method_config
+from neuroprune.methods.steering import SparsityTarget
 from neuroprune.training.tasks import KINDS
 
 # Settings that may differ when resuming (they do not change what is computed).
@@ -65,6 +66,7 @@ class TrainSettings:
     target_sparsity: float | None = None  # fraction; alpha / beta are then steered to reach it
     target_heads: int | None = None  # neuroprune: theta steered to end with this many heads
     target_flops: float | None = None  # fraction of the dense blocks' FLOPs (structural; not with sparsity)
+    uniform_widths: bool = False  # with target_flops: the same widths in every layer (compact --uniform)
     distill_from: str | None = None  # dense teacher (run dir or model folder): recovery by distillation
     distill_temperature: float = 2.0
     distill_weight: float = 0.5  # share of the loss taken by the teacher's soft targets
@@ -110,6 +112,15 @@ class TrainSettings:
         self.method_config()
         check_distill_values(self.distill_temperature, self.distill_weight, self.distill_hidden_weight)
         check_method(self.method, self.target_sparsity, self.target_heads, self.target_flops)
+        if self.uniform_widths and self.target_flops is None:
+            raise ConfigError("uniform_widths shapes the selection of a FLOP target: give target_flops "
+                              "(--target-flops F), or drop uniform_widths.")
+
+    def flop_target(self) -> SparsityTarget | None:
+        """The FLOP target these settings ask for (None without target_flops), with its options."""
+        if self.target_flops is None:
+            return None
+        return SparsityTarget(flops=self.target_flops, uniform=self.uniform_widths)
 
     def method_config(self) -> MethodConfig:
         """The config of `method` (its own class) from the settings of the same name: l1 takes

@@ -119,8 +119,8 @@ def train_run(s: TrainSettings, callbacks: list | None = None, quiet: bool = Fal
     transformers.set_seed(s.seed)
     splits, task, fields = prepare_data(s)
     model, tokenizer = load_model(s.model, task)
-    method = build_method(s.method, model, s.method_config(), s.target_sparsity, s.prune_every_steps,
-                          target_heads=s.target_heads, target_flops=s.target_flops)
+    method = build_method(s.method, model, s.method_config(), s.flop_target() or s.target_sparsity,
+                          s.prune_every_steps, target_heads=s.target_heads)
     distiller = (Distiller.from_source(s.distill_from, model, tokenizer, s.distill_temperature,
                                        s.distill_weight, s.distill_hidden_weight)
                  if s.distill_from else None)  # refused here, before any training, if it cannot teach
