@@ -23,24 +23,7 @@ from neuroprune.model.index import ModelIndex
 from neuroprune.training.settings import TrainSettings
 from neuroprune.training.train import train_run
 
-from tiny import tiny_inputs, tiny_model
-
-
-def _train(model, method, family: str, steps: int, lr: float = 1e-3) -> None:
-    """A plain loop (the protocol of `SparsityMethod`): a task-free loss on the model's output."""
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    method.on_train_begin(steps, opt)
-    inputs = tiny_inputs(family)
-    model.train()
-    for step in range(1, steps + 1):
-        out = model(**inputs)
-        hidden = out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
-        loss = hidden.pow(2).mean() + method.regularization_loss()
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        method.on_step_end(step)
-    method.on_train_end()
+from tiny import tiny_model, train_with_hooks
 
 
 @pytest.mark.parametrize("family", ["bert", "llama", "gpt2"])
@@ -50,7 +33,7 @@ def test_plain_loop_lands_within_two_points_and_compacts_to_it(family, flops):
     model = tiny_model(family)
     target = SparsityTarget(flops=flops, seq_len=16)
     method = build_method("neuroprune", model, NeuroPruneConfig(alpha=1e-3, beta=1e-3), target)
-    _train(model, method, family, steps=30)
+    train_with_hooks(model, method, family, steps=30)
     count = flop_count(method, seq_len=16)
     assert abs(count.fraction - flops) <= 0.02, count
     assert method.structural.removed.neurons  # neurons went
@@ -69,7 +52,7 @@ def test_survivors_are_not_shrunk_and_removed_units_are_whole():
     cfg = NeuroPruneConfig(alpha=0.0, beta=0.0, merge="none")
     method = build_method("neuroprune", model, cfg, SparsityTarget(flops=0.5, seq_len=16))
     with torch.enable_grad():
-        _train(model, method, "bert", steps=12, lr=0.0)
+        train_with_hooks(model, method, "bert", steps=12, lr=0.0)
     after = model.state_dict()
     for key, value in after.items():
         same_or_zero = (value == before[key]) | (value == 0)
@@ -170,7 +153,7 @@ def test_no_prune_heads_keeps_every_head_under_a_flop_target():
     model = tiny_model("bert")
     method = build_method("neuroprune", model, NeuroPruneConfig(prune_heads=False),
                           SparsityTarget(flops=0.6, seq_len=16))
-    _train(model, method, "bert", steps=10)
+    train_with_hooks(model, method, "bert", steps=10)
     assert not method.structural.removed.groups
     assert abs(flop_count(method, seq_len=16).fraction - 0.6) <= 0.02
 

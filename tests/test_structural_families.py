@@ -19,7 +19,16 @@ from neuroprune.model.flops import current_flops
 from neuroprune.model.index import ModelIndex
 from neuroprune.model.surgery import head_rows, weight_matrix
 
-from tiny import DECODERS, FAMILIES, NEW_DECODERS, NEW_FAMILIES, main_output, tiny_inputs, tiny_model
+from tiny import (
+    DECODERS,
+    FAMILIES,
+    NEW_DECODERS,
+    NEW_FAMILIES,
+    main_output,
+    tiny_inputs,
+    tiny_model,
+    train_with_hooks,
+)
 
 SEQ = 16
 TARGET = 0.5
@@ -27,21 +36,8 @@ STEPS = 8
 
 
 def _train(model, method, family: str, steps: int) -> None:
-    """A plain loop with the method's hooks (`SparsityMethod` protocol), a task-free loss."""
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    method.on_train_begin(steps, opt)
-    inputs = tiny_inputs(family)
-    model.train()
-    for step in range(1, steps + 1):
-        out = model(**inputs)
-        hidden = out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
-        loss = (hidden - 1.0).pow(2).mean() + method.regularization_loss()
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        method.on_step_end(step)
-    method.on_train_end()
-    model.eval()
+    """lr 1e-2 and a loss away from zero: units move enough in a few steps to be scored apart."""
+    train_with_hooks(model, method, family, steps, lr=1e-2, offset=1.0)
 
 
 def _method(name: str, model):

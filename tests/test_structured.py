@@ -21,23 +21,7 @@ from neuroprune.model.surgery import weight_matrix
 from neuroprune.training.settings import TrainSettings
 from neuroprune.training.train import train_run
 
-from tiny import tiny_inputs, tiny_model
-
-
-def _train(model, method, family: str, steps: int, lr: float = 1e-3) -> None:
-    """A plain loop (the `SparsityMethod` protocol) on a task-free loss."""
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    method.on_train_begin(steps, opt)
-    inputs = tiny_inputs(family)
-    model.train()
-    for step in range(1, steps + 1):
-        out = model(**inputs)
-        hidden = out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
-        (hidden.pow(2).mean() + method.regularization_loss()).backward()
-        opt.step()
-        opt.zero_grad()
-        method.on_step_end(step)
-    method.on_train_end()
+from tiny import tiny_model, train_with_hooks
 
 
 @pytest.mark.parametrize("family", ["bert", "llama"])
@@ -47,7 +31,7 @@ def test_lands_within_two_points_of_the_flop_target_and_compacts_to_it(family, f
     model = tiny_model(family)
     # at 16 tokens: at 128 one key/value group of a 32-wide model is ~20% of its FLOPs (too coarse)
     method = build_method("structured", model, None, SparsityTarget(flops=flops, seq_len=16))
-    _train(model, method, family, steps=30)
+    train_with_hooks(model, method, family, steps=30)
     count = flop_count(method, seq_len=16)
     assert abs(count.fraction - flops) <= 0.02, count
     removed = method.structural.removed
@@ -101,7 +85,7 @@ def test_removes_the_lowest_norm_neurons_first_on_a_planted_model():
     norms = _plant_neuron_norms(model)
     target = SparsityTarget(flops=0.8, kinds=("neurons",), seq_len=16)
     method = build_method("structured", model, None, target)
-    _train(model, method, "bert", steps=10, lr=0.0)  # lr 0: the planted norms stay as planted
+    train_with_hooks(model, method, "bert", steps=10, lr=0.0)  # lr 0: the planted norms stay as planted
     removed = {(b, i) for b, positions in method.structural.removed.neurons.items() for i in positions}
     assert removed and not method.structural.removed.groups and not method.structural.removed.inputs
     kept = set(norms) - removed
@@ -127,7 +111,7 @@ def test_a_planted_weak_head_goes_first():
     before_o = [layer.attention.output.dense.weight.detach().clone() for layer in model.encoder.layer]
     target = SparsityTarget(flops=0.85, kinds=("heads",), seq_len=16)
     method = build_method("structured", model, None, target)
-    _train(model, method, "bert", steps=4, lr=0.0)
+    train_with_hooks(model, method, "bert", steps=4, lr=0.0)
     removed = {(b, g) for b, groups in method.structural.removed.groups.items() for g in groups}
     assert (0, 2) in removed
     assert not weight_matrix(att.output.dense)[:, 16:24].any()
@@ -148,7 +132,7 @@ def test_survivors_are_not_shrunk():
     model = tiny_model("bert")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     method = build_method("structured", model, target_flops=0.5)
-    _train(model, method, "bert", steps=12, lr=0.0)
+    train_with_hooks(model, method, "bert", steps=12, lr=0.0)
     for key, value in model.state_dict().items():
         assert bool(((value == before[key]) | (value == 0)).all()), key
 

@@ -144,3 +144,22 @@ def duplicate_group(model: torch.nn.Module, unit, src: int, dst: int) -> None:
     for name, module in model.named_modules():
         if name.endswith("relative_attention_bias"):
             module.weight[:, dst] = module.weight[:, src]
+
+
+def train_with_hooks(model: torch.nn.Module, method, family: str, steps: int, lr: float = 1e-3,
+                     offset: float = 0.0) -> None:
+    """A plain loop driving every `SparsityMethod` hook, on a task-free loss: the mean of
+    (output - offset)^2 over the model's logits (or last hidden state). Ends in eval mode."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    method.on_train_begin(steps, opt)
+    inputs = tiny_inputs(family)
+    model.train()
+    for step in range(1, steps + 1):
+        out = model(**inputs)
+        hidden = out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
+        ((hidden - offset).pow(2).mean() + method.regularization_loss()).backward()
+        opt.step()
+        opt.zero_grad()
+        method.on_step_end(step)
+    method.on_train_end()
+    model.eval()
