@@ -21,9 +21,8 @@ from neuroprune.methods import build_method
 from neuroprune.methods.steering import SparsityTarget
 from neuroprune.methods.structural import Removed, select_to_budget
 from neuroprune.training.settings import TrainSettings
-from test_structural import _train
 
-from tiny import main_output, tiny_config, tiny_inputs, tiny_model
+from tiny import main_output, tiny_config, tiny_inputs, tiny_model, train_with_hooks
 
 SEQ = 16
 FFN = 256  # tests/tiny.py's Llama with a wider MLP: a slice of 8 neurons per layer is ~3% of the FLOPs
@@ -53,7 +52,7 @@ def _widths(removed: Removed, kind: str, blocks: int) -> list[int]:
 @pytest.mark.parametrize("flops", [0.7, 0.45])
 def test_uniform_run_lands_and_compacts_uniformly_without_padding(name, flops, tmp_path):
     model, method = _method(name, flops)
-    _train(model, method, "llama", steps=30)
+    train_with_hooks(model, method, "llama", steps=30)
     assert method.structural.removed.neurons[0]
     _check_uniform_compaction(name, model, method, flops, tmp_path)
 
@@ -63,7 +62,7 @@ def test_uniform_heads_go_one_group_per_layer(name, tmp_path):
     """Heads only, at the least reachable target: one of the two key/value groups of every layer."""
     least = _method(name, 0.9, kinds=("heads",))[1].structural.smallest_fraction()
     model, method = _method(name, least, kinds=("heads",))
-    _train(model, method, "llama", steps=30)
+    train_with_hooks(model, method, "llama", steps=30)
     assert _widths(method.structural.removed, "groups", len(method.index.attention)) == [1, 1]
     result = _check_uniform_compaction(name, model, method, least, tmp_path)
     assert result.groups == 1 and result.config_changes["num_key_value_heads"] == 1
