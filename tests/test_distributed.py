@@ -18,9 +18,8 @@ from torch.nn.parallel import DistributedDataParallel
 from transformers import AutoModel, BertForSequenceClassification
 
 import textdata
-from neuroprune import ModelIndex, NeuroPrune, NeuroPruneConfig, remap_optimizer
+from neuroprune import ModelIndex, NeuroPrune, NeuroPruneConfig, cli, remap_optimizer
 from neuroprune import distributed as npdist
-from neuroprune import cli
 from neuroprune.methods.heads import prune_unit
 
 from tiny import duplicate_group, tiny_config
