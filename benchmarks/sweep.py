@@ -199,6 +199,29 @@ def load_model(decoder: bool, args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 # --- one cell ------------------------------------------------------------------------------------
+def optimizer(model: Any, lr: float, total: int) -> tuple[torch.optim.Optimizer, Any]:
+    """AdamW (weight decay 0.01) with linear decay to zero over `total` steps: every cell's."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / total))
+
+
+def train_epoch(model: Any, method: Any, opt: torch.optim.Optimizer, sched: Any, epoch_batches: Any,
+                step: int, epoch: int) -> int:
+    """One epoch of the plain loop with the method's hooks (as `NeuroPruneTrainer` calls them);
+    returns the step count after it."""
+    model.train()
+    for batch in epoch_batches:
+        loss = model(**batch).loss + method.regularization_loss()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        step += 1
+        remap_optimizer(opt, method.on_step_end(step))
+    remap_optimizer(opt, method.on_epoch_end(epoch))
+    return step
+
+
 def run_cell(task: str, method_name: str, sparsity: int | None, args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     spec = TASKS[task]
@@ -216,23 +239,14 @@ def run_cell(task: str, method_name: str, sparsity: int | None, args: argparse.N
     epochs = args.epochs or spec["epochs"]
     steps_per_epoch = -(-len(train) // args.batch)
     total = epochs * steps_per_epoch
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / total))
+    opt, sched = optimizer(model, args.lr, total)
     method.on_train_begin(total, opt)
     rng = random.Random(args.seed)
     step, per_epoch, train_s = 0, [], 0.0
     for epoch in range(epochs):
-        model.train()
         start = time.perf_counter()
-        for batch in batches(train, spec["fields"], tok, args.batch, length, rng):
-            loss = model(**batch).loss + method.regularization_loss()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            step += 1
-            remap_optimizer(opt, method.on_step_end(step))
-        remap_optimizer(opt, method.on_epoch_end(epoch))
+        epoch_batches = batches(train, spec["fields"], tok, args.batch, length, rng)
+        step = train_epoch(model, method, opt, sched, epoch_batches, step, epoch)
         train_s += time.perf_counter() - start
         if epoch == epochs - 1:
             method.on_train_end()  # finalize before the last evaluation, as the Trainer does
