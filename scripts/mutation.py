@@ -6,6 +6,8 @@
     .venv/bin/python scripts/mutation.py --keep       # reuse .mutation/ (mutmut re-tests changed code only)
     .venv/bin/python scripts/mutation.py --only 'neuroprune.methods.heads.*'   # a subset of mutants (glob)
     .venv/bin/python scripts/mutation.py --report-only  # rewrite the results from .mutation/
+    .venv/bin/python scripts/mutation.py --only 'neuroprune.model.units.*' \
+        --merge 9cb518a:benchmarks/results/mutation.json   # add an earlier run's other modules
 
 What it does: copies `src/`, `tests/` and `pyproject.toml` of a commit (HEAD unless `--rev` or
 `--worktree`) into `.mutation/` (a snapshot: edits to the working tree do not leak in), adds a
@@ -18,6 +20,11 @@ the tests import the mutated copy, not the editable install (`/work/main/src` st
 behind it). Two checks guard that: mutmut's own forced-fail run (every test must fail when the
 trampolines are told to raise), and ours after the run, which plants an obvious bug by hand in the
 copy and requires the test subset to fail on it (recorded as `planted_mutant_check`).
+
+`--merge [REV:]PATH` folds an earlier results JSON into the report: every module of it that this run
+did not score keeps its earlier verdicts, labelled per module with the run (commit, date) that
+produced them and whether the module's source changed since (`changed_since`); a module this run
+scored takes this run's verdicts. Modules scored by no run are named as not scored.
 
 Survivors argued equivalent live in `scripts/mutation.equivalents.json`, matched by function and
 by the changed source lines (not by mutant number, which shifts when the code above changes); the
@@ -293,13 +300,80 @@ def git_commit(rev: str) -> str:
     return run.stdout.strip()
 
 
-def write_results(results: dict[str, dict], wall_s: float, args: argparse.Namespace, planted: str) -> dict:
+def module_of(name: str) -> str:
+    """`neuroprune.model.units.xǁAttentionUnitǁkeep_groups__mutmut_3` -> `neuroprune.model.units`."""
+    return name.split(".x")[0]
+
+
+def module_path(module: str) -> str:
+    return "src/" + module.replace(".", "/") + ".py"
+
+
+def load_merged(item: str) -> dict:
+    """An earlier results JSON: a file, or `REV:PATH` read from git (the committed results)."""
+    if Path(item).exists():
+        return json.loads(Path(item).read_text())
+    shown = subprocess.run(["git", "show", item], cwd=ROOT, capture_output=True, text=True)
+    if shown.returncode != 0:
+        raise SystemExit(f"--merge {item}: neither a file nor a committed REV:PATH ({shown.stderr.strip()})")
+    return json.loads(shown.stdout)
+
+
+def source_changed(module: str, old_commit: str, new_commit: str) -> bool:
+    """Whether the module's source differs between the commit an earlier run mutated and this one."""
+    run = subprocess.run(
+        ["git", "diff", "--quiet", old_commit, new_commit, "--", module_path(module)], cwd=ROOT
+    )
+    return run.returncode != 0
+
+
+def merge_earlier(
+    results: dict[str, dict], merge: list[str], this_run: dict
+) -> tuple[dict[str, dict], dict[str, dict], dict[str, dict]]:
+    """Add the outcomes of earlier runs' modules that this run did not score. Returns the combined
+    outcomes, the stored diffs of the merged survivors (their mutants are not in .mutation/), and
+    the provenance of every module (which run, commit and date scored it)."""
+    provenance = {m: dict(this_run) for m in sorted({module_of(n) for n in results})}
+    combined = dict(results)
+    diffs: dict[str, dict] = {}
+    for item in merge:
+        earlier = load_merged(item)
+        earlier_prov = earlier.get("provenance", {})
+        new_modules = sorted({module_of(n) for n in earlier["outcomes"]} - set(provenance))
+        for module in new_modules:
+            prov = earlier_prov.get(module) or {
+                "run": earlier.get("source", f"commit {earlier['git_commit']}"),
+                "git_commit": earlier["git_commit"],
+                "date": earlier["date"],
+                "wall_s": earlier.get("wall_s"),
+            }
+            prov = {**prov, "merged_from": item}
+            prov["changed_since"] = source_changed(module, prov["git_commit"], this_run["git_commit"])
+            provenance[module] = prov
+        for name, outcome in earlier["outcomes"].items():
+            if module_of(name) in new_modules:
+                combined[name] = {k: v for k, v in outcome.items() if k != "equivalent"}
+        for sv in earlier.get("survivors", []):
+            if module_of(sv["name"]) in new_modules:
+                diffs[sv["name"]] = sv
+    return combined, diffs, provenance
+
+
+def write_results(
+    results: dict[str, dict],
+    wall_s: float,
+    args: argparse.Namespace,
+    planted: str,
+    merged_diffs: dict[str, dict] | None = None,
+    provenance: dict[str, dict] | None = None,
+) -> dict:
     known = json.loads(EQUIVALENTS.read_text()) if EQUIVALENTS.exists() else []
+    merged_diffs = merged_diffs or {}
     survivors = []
     for name, r in results.items():
         if r["status"] in KILLED:
             continue
-        diff = mutant_diff(name)
+        diff = merged_diffs[name]["diff"] if name in merged_diffs else mutant_diff(name)
         eq = equivalence(name, diff, known)
         r["equivalent"] = eq is not None
         survivors.append(
@@ -320,7 +394,7 @@ def write_results(results: dict[str, dict], wall_s: float, args: argparse.Namesp
     non_equivalent = len(results) - equivalent
     per_module: dict[str, dict[str, int]] = {}
     for name, r in results.items():
-        mod = per_module.setdefault(name.split(".x")[0], {"mutants": 0, "killed": 0, "equivalent": 0})
+        mod = per_module.setdefault(module_of(name), {"mutants": 0, "killed": 0, "equivalent": 0})
         mod["mutants"] += 1
         mod["killed"] += r["status"] in KILLED
         mod["equivalent"] += bool(r.get("equivalent"))
@@ -343,6 +417,7 @@ def write_results(results: dict[str, dict], wall_s: float, args: argparse.Namesp
             "not_mutated": DO_NOT_MUTATE,
             "max_children": args.max_children,
             "only": args.only,
+            "merged": args.merge,
             "modules_not_run": args.not_run,
             "threads": "OMP_NUM_THREADS=MKL_NUM_THREADS=OPENBLAS_NUM_THREADS=1",
         },
@@ -356,6 +431,7 @@ def write_results(results: dict[str, dict], wall_s: float, args: argparse.Namesp
         "score_non_equivalent": round(killed / non_equivalent, 4) if non_equivalent else None,
         "score_raw": round(killed / len(results), 4) if results else None,
         "per_module": per_module,
+        "provenance": provenance or {},
         "survivors": survivors,
         "outcomes": results,
     }
@@ -390,10 +466,10 @@ def markdown(s: dict) -> str:
         "|---|---|",
         *[f"| {k} | {v} |" for k, v in sorted(s["counts"].items())],
         "",
-        "| module | mutants | killed | equivalent |",
-        "|---|---|---|---|",
+        "| module | mutants | killed | equivalent | scored by |",
+        "|---|---|---|---|---|",
         *[
-            f"| {m} | {v['mutants']} | {v['killed']} | {v['equivalent']} |"
+            f"| {m} | {v['mutants']} | {v['killed']} | {v['equivalent']} | {scored_by(s, m)} |"
             for m, v in sorted(s["per_module"].items())
         ],
         "",
@@ -404,6 +480,17 @@ def markdown(s: dict) -> str:
         verdict = f"equivalent: {sv['reason']}" if sv["equivalent"] else "**NOT KILLED**"
         lines += [f"### `{sv['name']}` ({sv['status']})", "", verdict, "", "```diff", sv["diff"], "```", ""]
     return "\n".join(lines) + "\n"
+
+
+def scored_by(s: dict, module: str) -> str:
+    prov = s.get("provenance", {}).get(module)
+    if not prov:
+        return "this run"
+    text = f"commit {prov['git_commit'][:7]}, {prov['date'][:16]}"
+    if "merged_from" in prov:
+        text += f" (merged from `{prov['merged_from']}`"
+        text += "; **source changed since**)" if prov.get("changed_since") else "; source unchanged since)"
+    return text
 
 
 def main() -> None:
@@ -422,20 +509,42 @@ def main() -> None:
         "--only", action="append", help="glob over mutant names, e.g. 'neuroprune.methods.heads.*'"
     )
     parser.add_argument("--report-only", action="store_true", help="rewrite the results from .mutation/")
+    parser.add_argument(
+        "--merge", action="append", default=[], metavar="[REV:]PATH",
+        help="earlier results JSON whose modules this run did not score are added (labelled per module)",
+    )
     args = parser.parse_args()
     start = time.monotonic()
+    snapshot = WORK / "snapshot.json"  # what the last run mutated, for --report-only
     if not args.report_only:
         args.rev = git_commit(args.rev)  # the commit snapshotted now (HEAD may move while it runs)
         prepare(args.keep, None if args.worktree else args.rev, args.overlay)
         mutmut("run", f"--max-children={args.max_children}", *(args.only or []))
-    wall = time.monotonic() - start
+        wall = time.monotonic() - start
+        last = {k: getattr(args, k) for k in ("rev", "worktree", "overlay", "only", "max_children")}
+        snapshot.write_text(json.dumps({**last, "wall_s": round(wall, 1)}, indent=1) + "\n")
+    elif snapshot.exists():  # report on the run that filled .mutation/, not on today's HEAD
+        last = json.loads(snapshot.read_text())
+        for key in ("rev", "worktree", "overlay", "max_children"):
+            setattr(args, key, last[key])
+        args.only = args.only or last["only"]
+        wall = last["wall_s"]
+    else:
+        wall = 0.0
     planted = planted_mutant_check()
     results = load_results()
     # mutants never run (outside `--only` in this and every kept earlier run) are not scored
     unchecked = {n for n, r in results.items() if r["status"] == "not checked"}
     results = {n: r for n, r in results.items() if n not in unchecked}
-    args.not_run = sorted({n.split(".x")[0] for n in unchecked} - {n.split(".x")[0] for n in results})
-    s = write_results(results, wall, args, planted)
+    this_run = {
+        "run": "this run" + (f" (--only {' '.join(args.only)})" if args.only else ""),
+        "git_commit": git_commit(args.rev),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "wall_s": round(wall, 1),
+    }
+    results, merged_diffs, provenance = merge_earlier(results, args.merge, this_run)
+    args.not_run = sorted({module_of(n) for n in unchecked} - {module_of(n) for n in results})
+    s = write_results(results, wall, args, planted, merged_diffs, provenance)
     print(
         f"{s['mutants']} mutants: {s['killed']} killed, {s['equivalent']} equivalent, "
         f"{s['survived_non_equivalent']} not killed; score {s['score_non_equivalent']:.1%} "

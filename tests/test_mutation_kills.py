@@ -800,3 +800,106 @@ def test_discovery_defaults_and_options_read_from_any_object():
     assert (len(index.attention), len(index.mlps)) == (0, 1)
     assert index.discovery == {"attention_layouts": [], "mlp_layouts": [], "attention_modules": None,
                                "mlp_modules": None, "exclude_modules": None, "allow_missing_attention": True}
+
+
+# --- units: per-head terms and key/value bookkeeping (survivors of the units.py run, issue 18) ---
+
+def test_slice_heads_cuts_each_layout_by_hand():
+    """Every head layout `slice_heads` knows, against hand-picked rows of an arange tensor (4
+    heads, keep 1 and 3); anything it cannot place is handed back untouched (the same object)."""
+    from neuroprune.model.units import slice_heads
+
+    kept = (1, 3)
+    heads = torch.arange(12.0).reshape(4, 3)  # ALiBi-style (heads, ...)
+    torch.testing.assert_close(slice_heads(heads, "heads", 4, kept), torch.tensor([[3.0, 4, 5], [9, 10, 11]]))
+    flat = torch.arange(16.0).reshape(8, 1, 2)  # (batch * heads, q, k), batch 2, rows b * 4 + h
+    out = slice_heads(flat, "batch*heads", 4, kept)
+    assert out.shape == (4, 1, 2)
+    torch.testing.assert_close(out[:, 0, 0], torch.tensor([2.0, 6, 10, 14]))
+    one_dim = slice_heads(torch.arange(8.0), "batch*heads", 4, kept)
+    torch.testing.assert_close(one_dim, torch.tensor([1.0, 3, 5, 7]))
+    falcon = torch.arange(16.0).reshape(2, 4, 1, 2)  # Falcon hands it over unflattened
+    out = slice_heads(falcon, "batch*heads", 4, kept)
+    assert out.shape == (2, 2, 1, 2)
+    torch.testing.assert_close(out[:, :, 0, 0], torch.tensor([[2.0, 6], [10, 14]]))
+    mask = torch.arange(16.0).reshape(2, 4, 2)  # (batch, heads, ...)
+    out = slice_heads(mask, "batch,heads", 4, kept)
+    torch.testing.assert_close(out[:, :, 0], torch.tensor([[2.0, 6], [10, 14]]))
+    torch.testing.assert_close(
+        slice_heads(torch.arange(8.0).reshape(2, 4), "batch,heads", 4, kept), torch.tensor([[1.0, 3], [5, 7]])
+    )
+    untouched = [
+        (torch.arange(8.0).reshape(2, 4), "heads", 4),  # heads not first
+        (torch.arange(6.0).reshape(6, 1), "batch*heads", 4),  # 6 rows: not batch * 4 heads
+        (torch.tensor(1.0), "batch*heads", 4),  # a scalar
+        (torch.arange(8.0).reshape(4, 2), "batch,heads", 4),  # heads not second
+        (torch.arange(8.0), "batch,heads", 4),  # one dimension
+        (torch.arange(12.0).reshape(4, 3), "unknown", 4),
+        (torch.arange(16.0).reshape(2, 4, 1, 2), "unknown", 4),  # 4-d is unflattened only for batch*heads
+    ]
+    for tensor, dims, original in untouched:
+        assert slice_heads(tensor, dims, original, kept) is tensor, (tensor.shape, dims)
+    assert slice_heads(heads, "heads", 4, (0, 1, 2, 3)) is heads  # every head kept: nothing to cut
+    assert slice_heads(None, "heads", 4, kept) is None and slice_heads(2.5, "heads", 4, kept) == 2.5
+
+
+def test_kept_kv_heads_of_grouped_and_multi_query_attention():
+    """Original key/value head indices after removals: the kept groups themselves, except under
+    multi-query attention, where the one shared key/value head (index 0) always stays."""
+    unit = units_of(tiny_model("llama"))[0][0]  # grouped-query: 4 query heads over 2 kv heads
+    assert (unit.original_heads, unit.original_kv_heads) == (4, 2)
+    unit.keep_groups([1])
+    assert unit.kept_kv_heads == [1] and unit.kept_heads == [2, 3]
+    mq = AttentionUnit(Found("blk", _Attn(8, 8, 4), _ATTN_LAYOUT), SimpleNamespace(head_dim=4))
+    assert mq.multi_query and mq.kept_kv_heads == [0]
+    mq.keep_groups([1])
+    assert mq.kept_kv_heads == [0] and mq.kept_heads == [1]
+
+
+class _MaskCore(nn.Module):
+    """An attention block whose additive mask may carry a per-head dimension (Falcon folds its
+    ALiBi into it); it records the mask it was handed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v, self.o = (nn.Linear(8, 8) for _ in range(4))
+
+    def forward(self, hidden_states, attention_mask=None):
+        self.received = attention_mask
+        return (self.o(self.q(hidden_states)),)
+
+
+def test_per_head_mask_is_cut_to_the_kept_heads():
+    layout = AttentionLayout(q="q", k="k", v="v", o="o", head_mask_arg="attention_mask")
+    block = _MaskCore()
+    unit = AttentionUnit(Found("blk", block, layout), SimpleNamespace(head_dim=4))  # 2 heads
+    unit.keep_groups([1])
+    x = torch.randn(2, 3, 8)
+    block(x)  # no mask in: none handed on, and the output hook finds no full bias to pass on
+    assert block.received is None
+    mask = torch.arange(36.0).reshape(2, 2, 3, 3)
+    block(x, attention_mask=mask)
+    torch.testing.assert_close(block.received, torch.stack([mask[0, 1:2], mask[1, 1:2]]))  # head 1
+    shared = torch.zeros(2, 1, 3, 3)  # no per-head dimension: handed over as it is
+    block(x, attention_mask=shared)
+    assert block.received is shared
+
+
+def test_fused_gate_up_halves_and_their_biases():
+    """[gate | up] rows of one fused projection: the first half is the gate, the second the up
+    rows, biases likewise; a plain MLP has no gate bias even when `up` has a bias."""
+    m = nn.Module()
+    m.gate_up, m.down = nn.Linear(4, 6), nn.Linear(3, 4)
+    unit = MLPUnit(Found("mlp", m, MLPLayout(gate_up="gate_up", down="down")))
+    assert unit.fused and unit.gated and unit.original_neurons == 3
+    w, b = m.gate_up.weight.detach().clone(), m.gate_up.bias.detach().clone()
+    assert torch.equal(unit.gate_bias(), b[:3]) and torch.equal(unit.up_bias(), b[3:])
+    assert torch.equal(unit.gate_matrix(), w[:3]) and torch.equal(unit.up_matrix(), w[3:])
+    plain = MLPUnit(Found("mlp", _mlp(4, 3), _MLP_LAYOUT))
+    assert plain.gate_bias() is None and plain.gate_matrix() is None
+    assert torch.equal(plain.up_bias(), plain.up.bias)
+    # removing neuron 1 keeps gate rows 0, 2 and up rows 3, 5 of the fused projection
+    changes = unit.keep_neurons([0, 2])
+    assert {id(c.new) for c in changes} == {id(m.gate_up.weight), id(m.gate_up.bias), id(m.down.weight)}
+    assert torch.equal(m.gate_up.weight, w[[0, 2, 3, 5]]) and torch.equal(m.gate_up.bias, b[[0, 2, 3, 5]])
+    assert unit.kept_neurons == [0, 2] and unit.gate_matrix().shape == (2, 4)
