@@ -120,17 +120,30 @@ class GMP(SparsityMethod):
         self.target = target if isinstance(target, SparsityTarget) else SparsityTarget(target)
         self.interval = self.config.interval
         self.current = 0.0
-        self.masks: list[torch.Tensor] | None = None
+        self._factors: list[torch.Tensor] | None = None  # keep-masks as 1.0 / 0.0 in each weight's dtype
 
     def sparsity_at(self, step: int) -> float:
         t = self.target
         return cubic_schedule(step, self.total_steps, t.sparsity, 0.0, t.ramp_begin, t.ramp_end)
 
+    @property
+    def masks(self) -> list[torch.Tensor] | None:
+        """The keep-masks in force (True: the weight stays), one per counted matrix; None before
+        the first pruning step."""
+        return None if self._factors is None else [f != 0 for f in self._factors]
+
+    def _set_masks(self, masks: list[torch.Tensor] | None) -> None:
+        """Cache the keep-masks as 0/1 factors in each weight's dtype: re-imposed after every
+        step by one multi-tensor multiply (`apply`), no per-matrix Python work; a same-dtype
+        multiply is ~4x faster on CPU than a `masked_fill_` or a bool multiply (StructureMasks)."""
+        mats = self.index.counted_matrices()
+        self._factors = None if masks is None else [k.to(m.dtype) for k, m in zip(masks, mats)]
+
     @torch.no_grad()
     def on_train_begin(self, total_steps: int, optimizer: torch.optim.Optimizer | None = None) -> None:
         super().on_train_begin(total_steps, optimizer)
         # after a resume the checkpoint's weights are loaded by now: their zeros are the masks
-        self.masks = [m != 0 for m in self.index.counted_matrices()] if self.current > 0 else None
+        self._set_masks([m != 0 for m in self.index.counted_matrices()] if self.current > 0 else None)
 
     @torch.no_grad()
     def on_step_end(self, step: int) -> list[ParamChange]:
@@ -139,16 +152,21 @@ class GMP(SparsityMethod):
         target = self.sparsity_at(step)
         if due and target != self.current:
             self.current = target
-            self.masks = [magnitude_mask(m, target) for m in self.index.counted_matrices()]
+            self._set_masks([magnitude_mask(m, target) for m in self.index.counted_matrices()])
         self.apply()
         return []
 
     @torch.no_grad()
     def apply(self) -> None:
-        if self.masks is None:
+        """Zero the pruned weights again (a pruned weight may become -0.0, which equals 0)."""
+        if self._factors is None:
             return
-        for mat, keep in zip(self.index.counted_matrices(), self.masks):
-            mat.masked_fill_(~keep, 0.0)
+        mats = self.index.counted_matrices()
+        pairs = [(m, f) for m, f in zip(mats, self._factors) if m.shape == f.shape]
+        if len(pairs) != len(mats):
+            raise ConfigError("GMP masks no longer match the model's matrices (was the model changed by "
+                              "surgery after the masks were made?); rebuild the method for the new model.")
+        torch._foreach_mul_([m for m, _ in pairs], [f for _, f in pairs])
 
     def log_values(self, detailed: bool = False) -> dict[str, float]:
         return {**super().log_values(detailed), "target_sparsity_now": self.current}
