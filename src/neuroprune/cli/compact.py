@@ -210,21 +210,12 @@ def explain(index: Any, rule: Any) -> Explanation:
     if neurons_dead > neurons_gone:
         kept.append(f"{neurons_dead - neurons_gone} dead MLP neurons, to keep widths at multiples of "
                     f"{rule.multiple_of} (faster matmuls; --multiple-of 1 removes them)")
-    gathered = sum(a for a, _ in inputs)
-    if gathered:
-        removed.append(f"{gathered:,} attention input dimensions (q/k/v read a gathered input)")
-    skipped = [e for a, e in inputs if not a and e]
-    if skipped:
-        kept.append(f"{sum(skipped):,} dead attention input dimensions in {len(skipped)} blocks: fewer than "
-                    f"--min-input-fraction {rule.min_input_fraction:g} of a block's inputs, not worth the "
-                    "gather")
-    dropped = sum(a for a, _ in rows)
-    if dropped:
-        removed.append(f"{dropped:,} zero MLP output rows")
-    skipped = [e for a, e in rows if not a and e]
-    if skipped:
-        kept.append(f"{sum(skipped):,} zero MLP output rows in {len(skipped)} blocks: fewer than "
-                    f"--min-row-fraction {rule.min_row_fraction:g} of a block's rows")
+    gathered = _thresholded(inputs, "attention input dimensions (q/k/v read a gathered input)",
+                            "dead attention input dimensions",
+                            f"--min-input-fraction {rule.min_input_fraction:g}",
+                            "inputs, not worth the gather", removed, kept)
+    dropped = _thresholded(rows, "zero MLP output rows", "zero MLP output rows",
+                           f"--min-row-fraction {rule.min_row_fraction:g}", "rows", removed, kept)
     with torch.no_grad():
         weights = index.counted_weights()
         total = sum(w.numel() for w in weights)
@@ -242,6 +233,21 @@ def explain(index: Any, rule: Any) -> Explanation:
     figures["parameters_dense"] = figures.pop("params_dense")
     figures["parameters_compacted"] = figures.pop("params_compacted")
     return Explanation(figures, removed, kept, zeros / total if total else 0.0)
+
+
+def _thresholded(per_block: list[tuple[int, int]], gone: str, dead: str, option: str, share_of: str,
+                 removed: list[str], kept: list[str]) -> int:
+    """One kind that compact removes only above a per-block threshold (attention inputs, MLP
+    rows): `per_block` holds (removed under the rule, dead at all) per block. Adds the line of what
+    goes to `removed` and of the dead ones left below the threshold to `kept`; returns how many go."""
+    total = sum(a for a, _ in per_block)
+    if total:
+        removed.append(f"{total:,} {gone}")
+    skipped = [e for a, e in per_block if not a and e]
+    if skipped:
+        kept.append(f"{sum(skipped):,} {dead} in {len(skipped)} blocks: fewer than {option} of a block's "
+                    f"{share_of}")
+    return total
 
 
 def _check_inputs(model) -> dict:
