@@ -903,3 +903,34 @@ def test_fused_gate_up_halves_and_their_biases():
     assert {id(c.new) for c in changes} == {id(m.gate_up.weight), id(m.gate_up.bias), id(m.down.weight)}
     assert torch.equal(m.gate_up.weight, w[[0, 2, 3, 5]]) and torch.equal(m.gate_up.bias, b[[0, 2, 3, 5]])
     assert unit.kept_neurons == [0, 2] and unit.gate_matrix().shape == (2, 4)
+
+
+def test_fused_gate_up_without_biases_has_none():
+    m = nn.Module()
+    m.gate_up, m.down = nn.Linear(4, 6, bias=False), nn.Linear(3, 4, bias=False)
+    unit = MLPUnit(Found("mlp", m, MLPLayout(gate_up="gate_up", down="down")))
+    assert unit.gate_bias() is None and unit.up_bias() is None
+
+
+def test_head_counts_read_from_the_attention_config_follow_removal_in_one_layer_only():
+    """Phi-3's attention reads its head counts from `self.config`: removing a head in layer 0
+    must rewrite them on a config of that layer's own, leave the model's (shared, saved) config
+    and layer 1 dense, and give the reference output (removed head's O columns zeroed)."""
+    model = tiny_model("phi3")
+    reference = copy.deepcopy(model)
+    x = tiny_inputs("phi3")
+    unit, ref = units_of(model)[0][0], units_of(reference)[0][0]
+    heads, kv = model.config.num_attention_heads, model.config.num_key_value_heads
+    drop = 1
+    with torch.no_grad():
+        weight_matrix(ref.o)[:, ref.query_rows([drop])] = 0
+    unit.keep_groups([g for g in range(unit.num_kv_heads) if g != drop])
+    torch.testing.assert_close(main_output(model, x), main_output(reference, x), atol=1e-5, rtol=1e-4)
+    own = unit.core.config
+    assert own is not model.config
+    assert (own.num_attention_heads, own.num_key_value_heads) == (heads - heads // kv, kv - 1)
+    assert (model.config.num_attention_heads, model.config.num_key_value_heads) == (heads, kv)
+    other = units_of(model)[0][1].core.config
+    assert (other.num_attention_heads, other.num_key_value_heads) == (heads, kv)
+    unit.keep_groups([0])  # a second removal keeps the same own config
+    assert unit.core.config is own and own.num_key_value_heads == 1
