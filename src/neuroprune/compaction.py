@@ -21,7 +21,7 @@ docs/compaction.md). What was removed is recorded in `ModelIndex.structure()` (`
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -104,16 +104,28 @@ def neuron_constants(unit: MLPUnit) -> tuple[torch.Tensor, torch.Tensor]:
     return removable, torch.where(dead_out, torch.zeros_like(constant), constant)
 
 
+def _dead_group_mask(unit: AttentionUnit) -> torch.Tensor:
+    """On the device: True per key/value group whose query heads' output-projection columns are
+    all zero (all False where the family's heads cannot be removed). O's columns are head-major,
+    so group g owns one contiguous slice: one pass over O for all groups."""
+    o = weight_matrix(unit.o).detach()
+    if unit.head_removal_refused:
+        return torch.zeros(unit.num_kv_heads, dtype=torch.bool, device=o.device)
+    return ~o.ne(0).any(0).reshape(unit.num_kv_heads, -1).any(1)
+
+
 def dead_groups(unit: AttentionUnit) -> list[int]:
     """Current positions of key/value groups whose query heads write nothing (zero O columns);
     none where the family's heads cannot be removed (`AttentionUnit.head_removal_refused`)."""
-    if unit.head_removal_refused:
-        return []
-    o = weight_matrix(unit.o).detach()
-    return [g for g in range(unit.num_kv_heads) if not o[:, unit.query_rows([g])].ne(0).any()]
+    return [g for g, dead in enumerate(_dead_group_mask(unit).tolist()) if dead]
 
 
 # --- the plan: what compact would remove, without removing it ---------------------------------
+#
+# The plan runs on every structural selection during training (`methods/structural.py`), so it is
+# on the training path: every decision is first made on the device for all blocks, and the few
+# numbers and positions the host needs come back in ONE copy (`_to_host`) instead of an
+# `int()` / `bool()` / `.tolist()` per block (each a host-device synchronisation on a GPU).
 
 @dataclass
 class AttentionPlan:
@@ -128,55 +140,126 @@ class AttentionPlan:
 
 @dataclass
 class MLPPlan:
-    """What `compact` does to one MLP: the neurons it removes (bool per current neuron), the
-    constants they fold into the contract bias, whether that needs a new bias, and the current
-    contract rows it keeps computing (None: all)."""
+    """What `compact` does to one MLP: the neurons it removes (bool per current neuron, on the
+    weights' device), the constants they fold into the contract bias, whether that needs a new
+    bias, and the current contract rows it keeps computing (None: all). `dead_neurons`: the
+    neurons `neuron_constants` found removable when planned, before `rule.multiple_of` kept some
+    of them (host positions)."""
 
     unit: MLPUnit
     removable: torch.Tensor
     constant: torch.Tensor
     adds_bias: bool
     keep_rows: list[int] | None
+    dead_neurons: list[int] = field(default_factory=list)
+    _kept: tuple[int, int, int] | None = field(default=None, repr=False, compare=False)
 
     @property
     def keep_neurons(self) -> list[int]:
         return (~self.removable).nonzero().flatten().tolist()
 
+    @property
+    def kept_count(self) -> int:
+        """How many neurons `compact` keeps: the count read with the plan's one host copy, counted
+        again only if `removable` was replaced or changed in place since (`compact_uniform` does)."""
+        key = (id(self.removable), self.removable._version)
+        if self._kept is None or self._kept[:2] != key:
+            self._kept = (*key, int((~self.removable).sum()))
+        return self._kept[2]
+
+
+def _attention_masks(unit: AttentionUnit) -> tuple[torch.Tensor, torch.Tensor]:
+    """On the device: the groups `compact` keeps (the live ones, group 0 if none is) and the input
+    dims that are non-zero in some q/k/v row of those groups (dim 0 if none is)."""
+    q, k, v = (m.detach() for m in unit.qkv_matrices())
+    groups = unit.num_kv_heads
+    keep = ~_dead_group_mask(unit)
+    keep[0] |= ~keep.any()  # keep one (dead) group rather than none
+    alive = (q.ne(0).reshape(groups, -1, q.shape[1]).any(1) & keep[:, None]).any(0)
+    for m in (k, v):
+        if unit.multi_query:  # the shared key/value head, whichever groups stay
+            alive |= m.ne(0).any(0)
+        else:
+            alive |= (m.ne(0).reshape(groups, -1, m.shape[1]).any(1) & keep[:, None]).any(0)
+    alive[0] |= ~alive.any()  # keep one (zero) column rather than a zero-width matmul
+    return keep, alive
+
+
+def _attention_plan(unit: AttentionUnit, keep: list[bool], alive: list[bool],
+                    rule: CompactionRule) -> AttentionPlan:
+    """The plan of one block from its host masks (`_attention_masks`)."""
+    kept = [g for g, k in enumerate(keep) if k]
+    inputs = [i for i, a in enumerate(alive) if a]
+    gather = len(inputs) < len(alive) and 1 - len(inputs) / len(alive) >= rule.min_input_fraction
+    return AttentionPlan(unit, kept if len(kept) < unit.num_kv_heads else None, inputs if gather else None)
+
+
+def _mlp_masks(unit: MLPUnit, rule: CompactionRule) -> dict[str, torch.Tensor]:
+    """On the device: the removable neurons before and after rounding, their constants, whether
+    folding them needs a new contract bias, and the contract rows alive over the kept neurons."""
+    dead, constant = neuron_constants(unit)
+    removable = _round_up_kept(dead, rule.multiple_of)
+    down = weight_matrix(unit.down).detach()
+    if unit.down.bias is None:  # the removed neurons' constants summed through the contract
+        contribution = down @ torch.where(removable, constant, torch.zeros_like(constant)).to(down.dtype)
+        adds_bias = contribution.ne(0).any().reshape(1)
+    else:
+        adds_bias = torch.zeros(1, dtype=torch.bool, device=down.device)
+    rows_alive = ~_round_up_kept(~(down.ne(0) & ~removable[None, :]).any(1), rule.multiple_of)
+    return {"dead": dead, "removable": removable, "constant": constant, "adds_bias": adds_bias,
+            "rows_alive": rows_alive}
+
+
+def _mlp_plan(unit: MLPUnit, masks: dict[str, torch.Tensor], host: dict[str, list[bool]],
+              rule: CompactionRule) -> MLPPlan:
+    """The plan of one MLP from its device masks and their host copies (`_mlp_masks`)."""
+    rows_alive = host["rows_alive"]
+    rows = [r for r, a in enumerate(rows_alive) if a]
+    drop = len(rows) < len(rows_alive) and 1 - len(rows) / len(rows_alive) >= rule.min_row_fraction
+    removable = masks["removable"]
+    kept = sum(not r for r in host["removable"])
+    return MLPPlan(unit, removable, masks["constant"], host["adds_bias"][0], rows if drop else None,
+                   [i for i, d in enumerate(host["dead"]) if d], (id(removable), removable._version, kept))
+
+
+def _to_host(tensors: list[torch.Tensor]) -> list[list[bool]]:
+    """Bool tensors (any devices) as host lists, read back with one copy for all of them."""
+    if not tensors:
+        return []
+    device = tensors[0].device
+    flat = torch.cat([t.reshape(-1).to(device=device, dtype=torch.bool) for t in tensors]).tolist()
+    out, start = [], 0
+    for t in tensors:
+        out.append(flat[start:start + t.numel()])
+        start += t.numel()
+    return out
+
 
 @torch.no_grad()
+def plan_blocks(attention: list[AttentionUnit], mlps: list[MLPUnit],
+                rule: CompactionRule) -> tuple[list[AttentionPlan], list[MLPPlan]]:
+    """The plans of the given blocks, decided on the device and read back in one copy."""
+    attention_masks = [_attention_masks(u) for u in attention]
+    mlp_masks = [_mlp_masks(u, rule) for u in mlps]
+    names = ("dead", "removable", "adds_bias", "rows_alive")
+    host = iter(_to_host([t for pair in attention_masks for t in pair]
+                         + [m[name] for m in mlp_masks for name in names]))
+    attention_plans = [_attention_plan(u, next(host), next(host), rule) for u in attention]
+    mlp_plans = [_mlp_plan(u, m, {name: next(host) for name in names}, rule)
+                 for u, m in zip(mlps, mlp_masks)]
+    return attention_plans, mlp_plans
+
+
 def plan_attention(unit: AttentionUnit, rule: CompactionRule) -> AttentionPlan:
     """Dead groups (all their query heads' output-projection columns zero), then the input
     dimensions that are zero in every q/k/v row of the groups that stay."""
-    dead = dead_groups(unit)
-    keep = [g for g in range(unit.num_kv_heads) if g not in dead] or [0]
-    q, k, v = (m.detach() for m in unit.qkv_matrices())
-    kv_rows = unit.kv_rows(keep)
-    alive = q[unit.query_rows(keep)].ne(0).any(0) | k[kv_rows].ne(0).any(0) | v[kv_rows].ne(0).any(0)
-    width = alive.numel()
-    if int(alive.sum()) == 0:
-        alive[0] = True  # keep one (zero) column rather than a zero-width matmul
-    inputs = None
-    if 1 - int(alive.sum()) / width >= rule.min_input_fraction and not bool(alive.all()):
-        inputs = alive.nonzero().flatten().tolist()
-    return AttentionPlan(unit, keep if len(keep) < unit.num_kv_heads else None, inputs)
+    return plan_blocks([unit], [], rule)[0][0]
 
 
-@torch.no_grad()
 def plan_mlp(unit: MLPUnit, rule: CompactionRule) -> MLPPlan:
     """Removable neurons (rounded to `rule.multiple_of` kept), then the contract rows that are
     zero over the neurons that stay."""
-    removable, constant = neuron_constants(unit)
-    removable = _round_up_kept(removable, rule.multiple_of)
-    down = weight_matrix(unit.down).detach()
-    adds_bias = False
-    if bool(removable.any()):
-        contribution = down[:, removable] @ constant[removable].to(down.dtype)
-        adds_bias = unit.down.bias is None and bool(contribution.ne(0).any())
-    rows_alive = ~_round_up_kept(~down[:, ~removable].ne(0).any(1), rule.multiple_of)
-    rows = None
-    if 1 - int(rows_alive.sum()) / rows_alive.numel() >= rule.min_row_fraction and not bool(rows_alive.all()):
-        rows = rows_alive.nonzero().flatten().tolist()
-    return MLPPlan(unit, removable, constant, adds_bias, rows)
+    return plan_blocks([], [unit], rule)[1][0]
 
 
 @dataclass
@@ -189,10 +272,9 @@ class CompactionPlan:
 
 
 def plan(index: ModelIndex, rule: CompactionRule | None = None) -> CompactionPlan:
-    """The compaction plan of every block of `index`, without changing the model."""
-    rule = rule or CompactionRule()
-    return CompactionPlan([plan_attention(u, rule) for u in index.attention],
-                          [plan_mlp(u, rule) for u in index.mlps])
+    """The compaction plan of every block of `index`, without changing the model (one host copy
+    for the whole model: `plan_blocks`)."""
+    return CompactionPlan(*plan_blocks(index.attention, index.mlps, rule or CompactionRule()))
 
 
 def flop_count(model_or_index: nn.Module | ModelIndex | Any, seq_len: int = flops.DEFAULT_SEQ_LEN,
@@ -239,12 +321,12 @@ def compact_attention(unit: AttentionUnit, rule: CompactionRule) -> None:
 
 def _round_up_kept(removable: torch.Tensor, multiple: int) -> torch.Tensor:
     """Un-remove the first few removable entries so that the number kept is a multiple of
-    `multiple` (at least one is kept, never a zero-width matmul)."""
-    removable = removable.clone()
-    kept = int((~removable).sum())
-    target = min(removable.numel(), max(multiple, -(-kept // multiple) * multiple))
-    removable[removable.nonzero().flatten()[: target - kept]] = False
-    return removable
+    `multiple` (at least one is kept, never a zero-width matmul). On the device, no host copy:
+    an entry stays removable when its rank among the removable ones exceeds the number to un-remove."""
+    kept = (~removable).sum()
+    target = (torch.div(kept + multiple - 1, multiple, rounding_mode="floor") * multiple).clamp(
+        min=multiple).clamp(max=removable.numel())
+    return removable & (removable.cumsum(0) > target - kept)
 
 
 def compact_mlp(unit: MLPUnit, rule: CompactionRule) -> None:

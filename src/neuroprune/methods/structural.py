@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from neuroprune.compaction import CompactionPlan, CompactionRule, compact_uniform, neuron_constants, plan
+from neuroprune.compaction import CompactionPlan, CompactionRule, compact_uniform, plan
 from neuroprune.errors import ConfigError, UnsupportedArchitectureError
 from neuroprune.methods.steering import SparsityTarget
 from neuroprune.model.flops import (
@@ -125,10 +125,9 @@ class _Budget:
         for b, p in enumerate(now.mlps):
             shape = planned_mlp(p)
             self.neuron_cost.append(two * (shape.d_in * shape.expand + shape.rows))
-            dead, _ = neuron_constants(p.unit)
-            gone = set(removed.neurons.get(b, [])) | set(dead.nonzero().flatten().tolist())
+            gone = set(removed.neurons.get(b, [])) | set(p.dead_neurons)  # read with the plan's one copy
             self.neurons_gone.append(gone)
-            self.neurons_left.append(dead.numel() - len(gone))
+            self.neurons_left.append(p.removable.numel() - len(gone))
         self.group_cost, self.groups_left, self.groups_gone = [], [], []
         self.input_cost, self.inputs_left, self.inputs_gone, self.width, self.gathered = [], [], [], [], []
         for b, p in enumerate(now.attention):

@@ -98,7 +98,7 @@ def planned_attention(p: Any) -> AttentionShape:
 def planned_mlp(p: Any) -> MLPShape:
     """The shape `compaction.apply_mlp_plan(p)` leaves."""
     now = current_mlp(p.unit)
-    return MLPShape(now.d_in, int((~p.removable).sum()), now.expand,
+    return MLPShape(now.d_in, p.kept_count, now.expand,
                     now.rows if p.keep_rows is None else len(p.keep_rows))
 
 
