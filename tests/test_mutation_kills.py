@@ -934,3 +934,58 @@ def test_head_counts_read_from_the_attention_config_follow_removal_in_one_layer_
     assert (other.num_attention_heads, other.num_key_value_heads) == (heads, kv)
     unit.keep_groups([0])  # a second removal keeps the same own config
     assert unit.core.config is own and own.num_key_value_heads == 1
+
+
+def test_a_config_without_head_counts_stays_shared():
+    """An attention config that holds no head count has nothing to rewrite: the block keeps
+    reading the shared object (no private copy that later edits of the model's config miss)."""
+    block = _Attn(8, 8, 8)
+    block.config = shared = SimpleNamespace(hidden_act="gelu")
+    unit = AttentionUnit(Found("blk", block, _ATTN_LAYOUT), SimpleNamespace(head_dim=4))
+    unit.keep_groups([0])
+    assert block.config is shared and not unit._own_config
+
+
+def test_head_removal_cuts_deberta_position_projections():
+    """DeBERTa-v2 without shared attention keys has per-head position projections: removing a head
+    drops their rows too, reports them as replaced, and gives the reference output (the removed
+    head's O columns zeroed in the unpruned model)."""
+    from transformers import AutoModel
+
+    from tiny import tiny_config
+
+    config = tiny_config("deberta-v2")
+    config.share_att_key = False
+    torch.manual_seed(0)
+    model = AutoModel.from_config(config, attn_implementation="eager").eval()
+    reference = copy.deepcopy(model)
+    x = tiny_inputs("deberta-v2")
+    unit, ref = units_of(model)[0][0], units_of(reference)[0][0]
+    assert len(unit.head_projections) == 2
+    pos_key = unit.head_projections[0].weight.detach().clone()
+    with torch.no_grad():
+        weight_matrix(ref.o)[:, ref.query_rows([2])] = 0
+    changes = unit.keep_groups([0, 1, 3])
+    replaced = {id(c.new) for c in changes}
+    assert all(id(m.weight) in replaced and id(m.bias) in replaced for m in unit.head_projections)
+    assert id(unit.q.weight) in replaced and id(unit.o.weight) in replaced
+    h = unit.head_dim
+    kept_rows = torch.cat([pos_key[: 2 * h], pos_key[3 * h:]])
+    torch.testing.assert_close(unit.head_projections[0].weight, kept_rows)
+    torch.testing.assert_close(main_output(model, x), main_output(reference, x), atol=1e-5, rtol=1e-4)
+
+
+def test_a_refused_family_may_keep_every_head():
+    """Where head removal is refused (a per-head term the layout cannot cut), keeping every group
+    is still allowed (nothing is removed); keeping fewer is refused."""
+
+    class _Alibi(_Attn):
+        def forward(self, hidden_states, alibi=None):
+            return self.o(self.q(hidden_states))
+
+    unit = AttentionUnit(Found("blk", _Alibi(8, 8, 8), _ATTN_LAYOUT), SimpleNamespace(head_dim=4))
+    assert "alibi" in unit.head_removal_refused
+    unit.keep_groups([0, 1])
+    assert unit.kept_groups == [0, 1]
+    with pytest.raises(UnsupportedArchitectureError, match="alibi"):
+        unit.keep_groups([1])
