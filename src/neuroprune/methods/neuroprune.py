@@ -321,7 +321,8 @@ class NeuroPrune(PenaltyMethod):
             if self.config.merge == "output" and float(dist[src, dst]) <= self.config.theta:
                 unit.merge_output(present[src], present[dst])
             chosen.append(present[src])
-        rest = [g for g in sorted(present, key=lambda g: float(scores[g])) if g not in chosen]
+        values = scores.tolist()  # one host read, not one per group
+        rest = [g for g in sorted(present, key=lambda g: values[g]) if g not in chosen]
         return chosen + rest[: n - len(chosen)]
 
     # --- hooks ---------------------------------------------------------------------------------

@@ -118,7 +118,7 @@ class _Budget:
     interact, which the caller's re-selection corrects)."""
 
     def __init__(self, index: ModelIndex, now: Any, seq_len: int, rule: CompactionRule, removed: Removed,
-                 input_scores: list[torch.Tensor]) -> None:
+                 input_scores: list[list[float]]) -> None:
         two = 2 * seq_len
         self.rule = rule
         self.neuron_cost, self.neurons_left, self.neurons_gone = [], [], []
@@ -143,9 +143,9 @@ class _Budget:
             refused = getattr(unit, "head_removal_refused", None)  # compact keeps such heads
             self.groups_left.append(1 if refused else unit.num_kv_heads - len(gone))
             self.input_cost.append(two * (shape.q_rows + 2 * shape.kv_rows))
-            dead = set(removed.inputs.get(b, [])) | set((input_scores[b] == 0).nonzero().flatten().tolist())
+            dead = set(removed.inputs.get(b, [])) | {i for i, v in enumerate(input_scores[b]) if v == 0}
             self.inputs_gone.append(dead)
-            self.width.append(input_scores[b].numel())
+            self.width.append(len(input_scores[b]))
             self.inputs_left.append(self.width[b] - len(dead))
             self.gathered.append(p.keep_inputs is not None)
 
@@ -208,12 +208,13 @@ def select_to_budget(index: ModelIndex, scores: UnitScores, budget: int, seq_len
     if need <= 0:
         return chosen
     room = planned - (budget if floor is None else min(floor, budget))
-    account = _Budget(index, now, seq_len, rule, removed, scores.inputs)
+    host = _host_scores(scores)  # one device read for every score
+    account = _Budget(index, now, seq_len, rule, removed, host["inputs"])
     candidates: list[Candidate] = []
-    for kind, table in (("neurons", scores.neurons), ("groups", scores.groups), ("inputs", scores.inputs)):
+    for kind in ("neurons", "groups", "inputs"):
         if (kind if kind != "groups" else "heads") not in kinds or (uniform and kind == "inputs"):
             continue
-        per_block = [_of_kind(values, account.gone(kind, b), kind, b) for b, values in enumerate(table)]
+        per_block = [_of_kind(values, account.gone(kind, b), kind, b) for b, values in enumerate(host[kind])]
         candidates += _slices(per_block, kind) if uniform else [c for block in per_block for c in block]
     candidates.sort(key=lambda c: c.score)
     saved = 0
@@ -246,8 +247,21 @@ def select_to_budget(index: ModelIndex, scores: UnitScores, budget: int, seq_len
     return chosen
 
 
-def _of_kind(scores: torch.Tensor, gone: set[int], kind: str, block: int) -> list[Candidate]:
-    values = scores.detach().double().tolist()
+def _host_scores(scores: UnitScores) -> dict[str, list[list[float]]]:
+    """Every block's scores of every kind as host lists (float64), read back in one copy."""
+    kinds = ("neurons", "groups", "inputs")
+    tensors = [t.detach().double().reshape(-1) for kind in kinds for t in getattr(scores, kind)]
+    flat = torch.cat(tensors).tolist() if tensors else []
+    out, start = {}, 0
+    for kind in kinds:
+        out[kind] = []
+        for t in getattr(scores, kind):
+            out[kind].append(flat[start:start + t.numel()])
+            start += t.numel()
+    return out
+
+
+def _of_kind(values: list[float], gone: set[int], kind: str, block: int) -> list[Candidate]:
     return [Candidate(v, kind, [(block, i)]) for i, v in enumerate(values) if i not in gone]
 
 
@@ -267,13 +281,18 @@ def normalise(scores: UnitScores, removed: Removed) -> UnitScores:
     out = {}
     for kind in ("neurons", "groups", "inputs"):
         tensors = [t.detach().double() for t in getattr(scores, kind)]
-        present = []
-        for b, t in enumerate(tensors):
-            mask = torch.ones_like(t, dtype=torch.bool)
-            mask[getattr(removed, kind).get(b, [])] = False
-            present.append(t[mask])
-        values = torch.cat(present) if present else torch.zeros(0)
-        mean = float(values.mean()) if values.numel() and float(values.mean()) > 0 else 1.0
+        values = torch.zeros(0, dtype=torch.float64)
+        if tensors:  # the present units of all blocks by one boolean index (one host read, not one a block)
+            gone, start = [], 0
+            for b, t in enumerate(tensors):
+                gone += [start + i for i in getattr(removed, kind).get(b, [])]
+                start += t.numel()
+            values = torch.cat([t.reshape(-1) for t in tensors])
+            mask = torch.ones_like(values, dtype=torch.bool)
+            mask[gone] = False
+            values = values[mask]
+        mean = values.mean() if values.numel() else torch.ones((), dtype=torch.float64)
+        mean = torch.where(mean > 0, mean, torch.ones_like(mean))  # on the device: no host read
         out[kind] = [t / mean for t in tensors]
     return UnitScores(out["neurons"], out["groups"], out["inputs"])
 
@@ -337,12 +356,15 @@ class StructureMasks:
                 view(module)[:, positions] = False
         self.params = [p for p, _ in masks.values()]
         self._rows, self._cols = ([], []), ([], [])
-        for param, keep in masks.values():
-            rows, cols = keep.any(1), keep.any(0)  # keep = rows x cols (all False: both all False)
-            if not torch.equal(keep, rows[:, None] & cols[None, :]):  # not reachable by build
+        entries = [(param, keep.any(1), keep.any(0), keep) for param, keep in masks.values()]
+        checks = [f.to(entries[0][0].device) for _, rows, cols, keep in entries
+                  for f in ((keep == (rows[:, None] & cols[None, :])).all(), rows.all(), cols.all())]
+        flags = iter(torch.stack(checks).tolist() if checks else [])  # one host read for all matrices
+        for param, rows, cols, _ in entries:  # keep = rows x cols (all False: both all False)
+            if not next(flags):  # not reachable by build
                 raise AssertionError("a structure mask is not whole rows and columns")
             for found, (params, factors), shape in ((rows, self._rows, (-1, 1)), (cols, self._cols, (1, -1))):
-                if not bool(found.all()):
+                if not next(flags):
                     params.append(param)
                     factors.append(found.to(param.dtype).reshape(shape))
 
