@@ -989,3 +989,59 @@ def test_a_refused_family_may_keep_every_head():
     assert unit.kept_groups == [0, 1]
     with pytest.raises(UnsupportedArchitectureError, match="alibi"):
         unit.keep_groups([1])
+
+
+def test_interleaved_grouped_query_projection_by_hand():
+    """A fused projection interleaved per key/value group, [q0 q1 | k | v] (two query heads per
+    key/value head): row r of the weight holds r, so the Q, K and V rows are read off by hand."""
+    layout = AttentionLayout(qkv="qkv", fused="interleaved", o="o")
+    block = _Fused(8, 8, 4)
+    with torch.no_grad():
+        block.qkv.weight.copy_(torch.arange(16.0)[:, None].expand(16, 8))
+    unit = AttentionUnit(Found("blk", block, layout), SimpleNamespace(head_dim=2))
+    assert (unit.original_heads, unit.original_kv_heads, unit.group_size) == (4, 2, 2)
+    q, k, v = (m[:, 0].tolist() for m in unit.qkv_matrices())
+    assert q == [0, 1, 2, 3, 8, 9, 10, 11] and k == [4, 5, 12, 13] and v == [6, 7, 14, 15]
+    unit.keep_groups([1])
+    assert block.qkv.weight[:, 0].tolist() == list(range(8, 16))
+
+
+def test_multi_query_fused_projection_keeps_the_shared_key_value_rows():
+    """Multi-query attention in a fused [Q | K | V] projection (Falcon-style): removing query
+    head 0 keeps query rows 4..7 and the one shared key / value head (rows 8..15)."""
+    layout = AttentionLayout(qkv="qkv", fused="concat", o="o")
+    block = _Fused(8, 8, 4)
+    with torch.no_grad():
+        block.qkv.weight.copy_(torch.arange(16.0)[:, None].expand(16, 8))
+    unit = AttentionUnit(Found("blk", block, layout), SimpleNamespace(head_dim=4))
+    assert unit.multi_query and unit.kv_rows([1]).tolist() == [0, 1, 2, 3]
+    unit.keep_groups([1])
+    assert block.qkv.weight[:, 0].tolist() == list(range(4, 16))
+
+
+def test_refusal_names_the_family_the_module_and_the_fix():
+    """The refusal text, exactly: it names the model type (or the attention class without one),
+    the block, the argument, and both ways out."""
+
+    class _Alibi(_Attn):
+        def forward(self, hidden_states, alibi=None):
+            return self.o(self.q(hidden_states))
+
+    def refusal(family: str) -> str:
+        return (
+            f"model type {family!r}: head removal is not supported: the attention blk (_Alibi) takes "
+            "'alibi', a per-head term the model builds for all its heads, and its layout does not say "
+            "how to cut it to the heads a layer keeps (removing a head would break the forward pass or "
+            "shift the remaining heads' terms). Name it in an attention layout: {..., 'head_bias_arg': "
+            "'alibi', 'head_bias_dims': 'batch,heads' | 'batch*heads' | 'heads'}, or train with "
+            "prune_heads=False (penalties and MLP pruning work)."
+        )
+
+    found = Found("blk", _Alibi(8, 8, 8), _ATTN_LAYOUT)
+    named = AttentionUnit(found, SimpleNamespace(head_dim=4, model_type="bloom"))
+    assert named.head_removal_refused == refusal("bloom")
+    assert AttentionUnit(found, SimpleNamespace(head_dim=4)).head_removal_refused == refusal("_Alibi")
+    block = _Attn(8, 8, 8)
+    block.forward = min  # a forward without a signature: nothing to check, nothing refused
+    unsigned = AttentionUnit(Found("blk", block, _ATTN_LAYOUT), SimpleNamespace(head_dim=4))
+    assert unsigned.head_removal_refused == ""
