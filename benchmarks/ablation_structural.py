@@ -14,6 +14,14 @@ accuracy on the first N rows of SST-2's *validation* split, never its test split
   scores, `structured.magnitude_scores`; the committed results used an earlier variant that scored
   a head by its output-projection slice only);
 - no-inputs: only neurons and heads may go (no gathered attention inputs);
+- neurons-only: only MLP neurons may go (attention whole);
+- taylor-scores: NeuroPrune's selection with task-aware neuron and group scores: the first-order
+  Taylor estimate of the loss change when the unit is removed, (sum over its weights of w * dL/dw)^2
+  averaged over the training steps so far (Molchanov et al. 2019), square-rooted (power 1, as the
+  other scores); input dims keep NeuroPrune's score. BERT-style models only (separate q/k/v/o);
+- distill, distill-hidden: the default trained against the dense cell's model as teacher
+  (`neuroprune.integrations.distill.Distiller`, T = 2, w = 0.5; -hidden adds the hidden-state MSE
+  with weight 1); the dense cell must have run first (it saves its model);
 - rank-normalised: the default with each kind's scores replaced by their quantile (every kind
   loses about the same fraction of its units) instead of divided by their mean;
 - ramp-0.3: the default with the whole FLOP schedule inside the first 30% of the steps (the
@@ -48,6 +56,7 @@ import torch
 from common import load, machine, write_atomic
 from neuroprune import NeuroPruneConfig
 from neuroprune.compaction import compact, flop_count
+from neuroprune.integrations.distill import Distiller
 from neuroprune.methods import build_method, structural
 from neuroprune.methods.steering import SparsityTarget
 from neuroprune.methods.structured import magnitude_scores
@@ -55,7 +64,8 @@ from sweep import DATA, batches, evaluate, load_model, optimizer, predictions, r
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CELLS = ("dense", "default", "no-penalty", "heads-importance", "magnitude-scores", "no-inputs",
-         "rank-normalised", "ramp-0.3", "warmup-0.1-0.5", "soft-prox")
+         "neurons-only", "taylor-scores", "distill", "distill-hidden", "rank-normalised", "ramp-0.3",
+         "warmup-0.1-0.5", "soft-prox")
 RAMPS = {"ramp-0.3": (0.0, 0.3), "warmup-0.1-0.5": (0.1, 0.5)}  # cell -> (ramp_begin, ramp_end)
 
 
@@ -73,6 +83,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--aggregate-only", action="store_true")
     p.add_argument("--out", type=Path, default=RESULTS / "ablation_structural")
+    p.add_argument("--work", type=Path, default=Path("/tmp/neuroprune_ablation"),
+                   help="where the dense cell saves its model (the distill cells' teacher; not committed)")
     return p.parse_args(argv)
 
 
@@ -101,7 +113,8 @@ def method_for(cell: str, model: Any, args: argparse.Namespace) -> Any:
         config = NeuroPruneConfig(alpha=1.0, beta=10.0, output_penalty=True)
         return build_method("neuroprune", model, config, SparsityTarget(args.sparsity), prune_every_steps=20)
     config = NeuroPruneConfig(alpha=0.0, beta=0.0) if cell == "no-penalty" else NeuroPruneConfig()
-    kinds = ("neurons", "heads") if cell == "no-inputs" else ("neurons", "heads", "inputs")
+    kinds = {"no-inputs": ("neurons", "heads"), "neurons-only": ("neurons",)}.get(
+        cell, ("neurons", "heads", "inputs"))
     heads_by = "importance" if cell == "heads-importance" else "redundancy"
     begin, end = RAMPS.get(cell, (0.0, 0.7))
     target = SparsityTarget(flops=args.flops, kinds=kinds, heads_by=heads_by, ramp_begin=begin, ramp_end=end)
@@ -109,6 +122,35 @@ def method_for(cell: str, model: Any, args: argparse.Namespace) -> Any:
     if cell == "magnitude-scores":
         method.structural.scorer = lambda removed: magnitude_scores(method.index, removed)
     return method
+
+
+class TaylorScores:
+    """Running mean of the squared first-order Taylor term of every MLP neuron and key/value group
+    (an optimiser step pre-hook, so the gradients of the step are read before the update)."""
+
+    def __init__(self, method: Any) -> None:
+        self.method, self.steps = method, 0
+        self.neurons = [torch.zeros(len(u.kept_neurons), dtype=torch.float64) for u in method.index.mlps]
+        self.groups = [torch.zeros(u.num_kv_heads, dtype=torch.float64) for u in method.index.attention]
+
+    @torch.no_grad()
+    def __call__(self, *_: Any) -> None:
+        def wg(module: Any) -> torch.Tensor:
+            return (module.weight * module.weight.grad).double() if module.weight.grad is not None else 0.0
+
+        self.steps += 1
+        for b, unit in enumerate(self.method.index.mlps):
+            term = wg(unit.up).sum(1) + wg(unit.down).sum(0)
+            self.neurons[b] += (term ** 2 - self.neurons[b]) / self.steps
+        for b, unit in enumerate(self.method.index.attention):
+            rows = (wg(unit.q) + wg(unit.k) + wg(unit.v)).sum(1) + wg(unit.o).sum(0)
+            term = rows.reshape(unit.num_kv_heads, -1).sum(1)
+            self.groups[b] += (term ** 2 - self.groups[b]) / self.steps
+
+    def scores(self, removed: structural.Removed) -> structural.UnitScores:
+        own = self.method.unit_scores(removed)
+        return structural.UnitScores([n.sqrt() for n in self.neurons], [g.sqrt() for g in self.groups],
+                                     own.inputs)
 
 
 def rank_normalise(scores: structural.UnitScores, removed: structural.Removed) -> structural.UnitScores:
@@ -146,11 +188,30 @@ def run_cell(cell: str, args: argparse.Namespace) -> dict[str, Any]:
     method = method_for(cell, model, args)
     total = -(-len(train) // args.batch)
     opt, sched = optimizer(model, args.lr, total)
+    task_loss = None
+    if cell.startswith("distill"):
+        teacher = args.work / args.out.name / "dense_model"
+        if not teacher.exists():
+            raise SystemExit(f"cell {cell} distils from the dense cell's model: run it first ({teacher})")
+        weight = 1.0 if cell == "distill-hidden" else 0.0
+        distiller = Distiller.from_source(teacher, model, tok, hidden_weight=weight)
+        hidden = {"output_hidden_states": True} if distiller.hidden_weight else {}
+
+        def task_loss(batch: dict) -> torch.Tensor:
+            outputs = model(**batch, **hidden)
+            return distiller.combine(batch, outputs, outputs.loss)[0]
+    if cell == "taylor-scores":
+        taylor = TaylorScores(method)
+        opt.register_step_pre_hook(taylor)
+        method.structural.scorer = taylor.scores
     method.on_train_begin(total, opt)
     start = time.perf_counter()
     epoch = batches(train, ("sentence",), tok, args.batch, args.max_length, random.Random(args.seed))
-    step = train_epoch(model, method, opt, sched, epoch, 0, 0)
+    step = train_epoch(model, method, opt, sched, epoch, 0, 0, task_loss)
     method.on_train_end()
+    if cell == "dense":  # the teacher of the distill cells
+        model.save_pretrained(args.work / args.out.name / "dense_model")
+        tok.save_pretrained(args.work / args.out.name / "dense_model")
     train_s = time.perf_counter() - start
     accuracy = evaluate_validation(model, validation, tok, args)
     sentence_accuracy = evaluate_validation(model, sentences, tok, args)

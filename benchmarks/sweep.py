@@ -206,12 +206,13 @@ def optimizer(model: Any, lr: float, total: int) -> tuple[torch.optim.Optimizer,
 
 
 def train_epoch(model: Any, method: Any, opt: torch.optim.Optimizer, sched: Any, epoch_batches: Any,
-                step: int, epoch: int) -> int:
+                step: int, epoch: int, task_loss: Any = None) -> int:
     """One epoch of the plain loop with the method's hooks (as `NeuroPruneTrainer` calls them);
-    returns the step count after it."""
+    returns the step count after it. `task_loss(batch)` replaces the model's own loss (e.g. a
+    distilled loss)."""
     model.train()
     for batch in epoch_batches:
-        loss = model(**batch).loss + method.regularization_loss()
+        loss = (task_loss(batch) if task_loss else model(**batch).loss) + method.regularization_loss()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
