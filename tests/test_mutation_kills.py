@@ -1045,3 +1045,10 @@ def test_refusal_names_the_family_the_module_and_the_fix():
     block.forward = min  # a forward without a signature: nothing to check, nothing refused
     unsigned = AttentionUnit(Found("blk", block, _ATTN_LAYOUT), SimpleNamespace(head_dim=4))
     assert unsigned.head_removal_refused == ""
+
+
+def test_fused_gate_up_with_an_odd_row_count_is_refused():
+    m = nn.Module()
+    m.gate_up, m.down = nn.Linear(4, 9), nn.Linear(4, 4)  # 9 rows cannot be [gate | up] halves
+    with pytest.raises(UnsupportedArchitectureError, match="odd number of rows"):
+        MLPUnit(Found("mlp", m, MLPLayout(gate_up="gate_up", down="down")))
