@@ -115,6 +115,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="run folders and data subsets (not committed)",
     )
     p.add_argument("--aggregate-only", action="store_true")
+    p.add_argument("--retime", type=int, metavar="ROUNDS",
+                   help="no training: time dense and every recorded cell's compacted model together, "
+                        "round-robin in one process, ROUNDS rounds (writes frontier_retime.{json,md})")
     p.add_argument("--one-cell", help=argparse.SUPPRESS)  # a child process of --device-protocol
     return p.parse_args(argv)
 
@@ -393,6 +396,54 @@ def aggregate(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def retime(args: argparse.Namespace) -> dict[str, Any]:
+    """Latency of every recorded cell's compacted model and dense, all in one round-robin (the
+    order rotates every round): one load for all, so the cells' speed-ups compare with each other,
+    which per-cell pairs timed hours apart under another load do not."""
+    from neuroprune.compaction import compact
+    from neuroprune.model.index import ModelIndex
+    from neuroprune.training import latency
+
+    name = protocol(args)["name"]
+    files = {n: args.work / "data" / "sst2" / f"{n}.jsonl" for n in ("test",)}
+    if not files["test"].exists():
+        files = write_data(args)
+    cells = [json.loads(p.read_text()) for p in sorted((args.out / "frontier_cells").glob(f"{name}_*.json"))]
+    missing = [c["cell"] for c in cells if not (Path(c["run_dir"]) / "model").exists()]
+    if missing:
+        raise SystemExit(f"--retime needs the cells' run folders; missing for {missing} (rerun those cells)")
+    models = {"dense": dense_reference(args)}
+    for c in cells:
+        if c["cell"] != "dense":
+            models[c["cell"]] = compact(ModelIndex.from_pretrained(Path(c["run_dir"]) / "model")).model
+    before = load()
+    with torch.no_grad():
+        timing = latency.interleaved(models, latency_batch(args, files), args.retime)
+    rows = [{"cell": c["cell"], "label": c["label"], "test_accuracy": c["test_accuracy"],
+             "flops_fraction": c.get("flops_fraction"), "params_compacted": c.get("params_compacted"),
+             "median_ms": 1e3 * timing["median_s"][c["cell"] if c["cell"] in models else "dense"],
+             "speedup": latency.speedup(timing, "dense", c["cell"]) if c["cell"] != "dense" else 1.0,
+             "speedup_rounds_median": (latency.round_speedup(timing, "dense", c["cell"])
+                                       if c["cell"] != "dense" else 1.0)} for c in cells]
+    result = {"machine": machine(), "load_before": before, "load_after": load(), "rounds": args.retime,
+              "threads": timing["threads"], "batch": "32 x 128", "cells": rows, "times_s": timing["times_s"]}
+    write_atomic(args.out / "frontier_retime.json", json.dumps(result, indent=1))
+    lines = ["# Frontier: every compacted model timed in one round-robin", "",
+             f"`benchmarks/frontier.py --retime {args.retime}`: dense MiniLM and each recorded cell's "
+             f"compacted model, batch 32 x 128, {timing['threads']} threads, {args.retime} rounds, order "
+             f"rotating every round. Load {before['loadavg']} -> {result['load_after']['loadavg']}. "
+             f"Machine: {result['machine']}.", "",
+             "| cell | test acc. | block FLOPs | params | median ms | speed-up (ratio of medians) | "
+             "speed-up (median of per-round ratios) |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        flops_text = "-" if r["flops_fraction"] is None else f"{r['flops_fraction']:.1%}"
+        params = "-" if r["params_compacted"] is None else f"{r['params_compacted'] / 1e6:.2f}M"
+        lines.append(f"| {r['label']} | {r['test_accuracy']:.2f} | {flops_text} | {params} | "
+                     f"{r['median_ms']:.0f} | {r['speedup']:.2f}x | {r['speedup_rounds_median']:.2f}x |")
+    write_atomic(args.out / "frontier_retime.md", "\n".join(lines) + "\n")
+    return result
+
+
 def chance_level(args: argparse.Namespace) -> float | None:
     """Test accuracy of always predicting the majority class (a model at this level learned nothing)."""
     path = args.work / "data" / "sst2" / "test.jsonl"
@@ -547,6 +598,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     torch.set_num_threads(args.threads)
     (args.out / "frontier_cells").mkdir(parents=True, exist_ok=True)
+    if args.retime:
+        retime(args)
+        return 0
     if not args.aggregate_only:
         files = write_data(args)
         names = planned(args)
