@@ -1052,3 +1052,132 @@ def test_fused_gate_up_with_an_odd_row_count_is_refused():
     m.gate_up, m.down = nn.Linear(4, 9), nn.Linear(4, 4)  # 9 rows cannot be [gate | up] halves
     with pytest.raises(UnsupportedArchitectureError, match="odd number of rows"):
         MLPUnit(Found("mlp", m, MLPLayout(gate_up="gate_up", down="down")))
+
+
+# --- compaction: uniform widths (survivors of the compaction.py run, issue 18) ----------------------
+
+def _rows_marked(block: nn.Module) -> None:
+    """Row r of every q/k/v weight and bias holds r + 1, column c of o holds c + 1 (0 = padding)."""
+    with torch.no_grad():
+        for m in (block.q, block.k, block.v):
+            rows = torch.arange(1.0, m.out_features + 1)
+            m.weight.copy_(rows[:, None].expand_as(m.weight))
+            m.bias.copy_(rows)
+        block.o.weight.copy_(torch.arange(1.0, block.o.in_features + 1)[None, :].expand_as(block.o.weight))
+
+
+def test_pad_groups_puts_a_grouped_query_block_back_in_place_by_hand():
+    """4 query heads over 2 key/value heads (head size 2), group 0 removed during training: padding
+    back to 2 groups gives zero rows 0..3 of Q (rows 0, 1 of K, V) and zero O columns 0..3, the
+    kept group's rows at their original places, O's own bias untouched, the shape attributes and
+    the frozen flag kept."""
+    from neuroprune.compaction import _pad_groups
+
+    block = _Attn(8, 8, 4)
+    _rows_marked(block)
+    o_bias = block.o.bias.detach().clone()
+    unit = AttentionUnit(Found("blk", block, _ATTN_LAYOUT), SimpleNamespace(head_dim=2))
+    assert unit.group_size == 2
+    unit.keep_groups([1])
+    block.q.weight.requires_grad_(False)
+    _pad_groups(unit, 2)
+    assert block.q.weight[:, 0].tolist() == [0, 0, 0, 0, 5, 6, 7, 8]
+    assert block.q.bias.tolist() == [0, 0, 0, 0, 5, 6, 7, 8]
+    assert block.k.weight[:, 0].tolist() == [0, 0, 3, 4] and block.v.bias.tolist() == [0, 0, 3, 4]
+    assert block.o.weight[0].tolist() == [0, 0, 0, 0, 5, 6, 7, 8] and torch.equal(block.o.bias, o_bias)
+    assert (block.q.out_features, block.k.out_features, block.o.in_features) == (8, 4, 8)
+    assert not block.q.weight.requires_grad and block.k.weight.requires_grad
+    assert unit.kept_groups == [0, 1] and unit.num_heads == 4
+
+
+def test_pad_groups_of_multi_query_attention_leaves_the_shared_key_value_alone():
+    from neuroprune.compaction import _pad_groups
+
+    block = _Attn(8, 8, 4)
+    _rows_marked(block)
+    unit = AttentionUnit(Found("blk", block, _ATTN_LAYOUT), SimpleNamespace(head_dim=4))
+    assert unit.multi_query
+    unit.keep_groups([1])
+    _pad_groups(unit, 2)
+    assert block.q.weight[:, 0].tolist() == [0, 0, 0, 0, 5, 6, 7, 8]
+    assert block.k.weight[:, 0].tolist() == [1, 2, 3, 4] and block.v.bias.tolist() == [1, 2, 3, 4]
+
+
+def test_pad_groups_refuses_separate_projections_that_are_not_linear():
+    from transformers.pytorch_utils import Conv1D
+
+    from neuroprune.compaction import _pad_groups
+
+    block = nn.Module()
+    block.q, block.k, block.v, block.o = Conv1D(8, 8), Conv1D(8, 8), Conv1D(8, 8), Conv1D(8, 8)
+    unit = AttentionUnit(Found("blk", block, _ATTN_LAYOUT), SimpleNamespace(head_dim=4))
+    unit.keep_groups([1])
+    with pytest.raises(UnsupportedArchitectureError, match="separate q/k/v Linear"):
+        _pad_groups(unit, 2)
+
+
+def test_check_shapes_names_every_differing_or_missing_entry():
+    from neuroprune.compaction import _check_shapes
+
+    def refusal(keys: list[str]) -> str:
+        return ("uniform compaction: Sequential cannot describe a uniformly narrower model, its stock model "
+                f"differs at {keys}. Save the non-uniform compaction instead (neuroprune.load, or the Auto "
+                "classes with trust_remote_code=True).")
+
+    own = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 1))
+    _check_shapes(own, nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 1)))  # same shapes: accepted
+    cases = [
+        (nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 2)), ["1.bias", "1.weight"]),  # a shape differs
+        (nn.Sequential(nn.Linear(2, 3)), ["1.bias", "1.weight"]),  # missing from the stock model
+        (nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 1), nn.Linear(1, 1)), ["2.bias", "2.weight"]),  # extra
+    ]
+    for stock, keys in cases:
+        with pytest.raises(UnsupportedArchitectureError) as err:
+            _check_shapes(own, stock)
+        assert str(err.value) == refusal(keys)
+
+
+def test_head_fields_of_multi_query_attention_keep_one_key_value_head():
+    from neuroprune.compaction import _head_fields
+
+    mq = AttentionUnit(Found("blk", _Attn(8, 8, 4), _ATTN_LAYOUT), SimpleNamespace(head_dim=4))
+    assert _head_fields(mq, 2) == {"num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 4}
+    gqa = AttentionUnit(Found("blk", _Attn(8, 8, 4), _ATTN_LAYOUT), SimpleNamespace(head_dim=2))
+    assert _head_fields(gqa, 1) == {"num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 2}
+
+
+@pytest.mark.parametrize("family", ["gpt2", "bloom"])
+def test_uniform_compaction_of_a_dense_fused_model_changes_nothing(family):
+    """Nothing dead: every block keeps all its groups, so the fused projections (which cannot be
+    padded) are never padded, and the outputs stay the same."""
+    from neuroprune.compaction import compact_uniform
+
+    model = tiny_model(family)
+    x = tiny_inputs(family)
+    expected = main_output(model, x)
+    heads = [u.num_kv_heads for u in units_of(model)[0]]
+    result = compact_uniform(model)
+    assert result.groups == heads[0] and [u.num_kv_heads for u in result.index.attention] == heads
+    torch.testing.assert_close(main_output(model, x), expected, atol=0, rtol=0)
+
+
+def test_uniform_compaction_keeps_the_strongest_dead_groups():
+    """Layer 0 has one live group, layer 1 needs two: layer 0 keeps its live group 0 plus its dead
+    group with the largest [Q, K, V] norm (group 3, scaled up; group 1 scaled down)."""
+    from neuroprune.compaction import compact_uniform
+    from test_uniform import uneven_llama
+
+    pruner = uneven_llama(dead_groups=([1, 2, 3], [2, 3]))
+    unit = pruner.index.attention[0]
+    with torch.no_grad():
+        for group, scale in ((3, 10.0), (1, 0.1)):
+            rows = unit.query_rows([group])
+            unit.q.weight[rows] *= scale
+            unit.k.weight[unit.kv_rows([group])] *= scale
+            unit.v.weight[unit.kv_rows([group])] *= scale
+    x = tiny_inputs("llama")
+    expected = main_output(pruner.model, x)
+    result = compact_uniform(pruner)
+    assert result.groups == 2 and result.min_groups_needed[:2] == [1, 2]
+    assert pruner.index.attention[0].kept_groups == [0, 3]
+    torch.testing.assert_close(main_output(pruner.model, x), expected, atol=1e-5, rtol=0)
