@@ -1181,3 +1181,63 @@ def test_uniform_compaction_keeps_the_strongest_dead_groups():
     assert result.groups == 2 and result.min_groups_needed[:2] == [1, 2]
     assert pruner.index.attention[0].kept_groups == [0, 3]
     torch.testing.assert_close(main_output(pruner.model, x), expected, atol=1e-5, rtol=0)
+
+
+def test_uniform_compaction_rounds_neurons_to_the_rule_and_keeps_the_strongest_spare_ones():
+    """uneven_llama's live neurons are 24 / 48 / 8; with multiple_of=16 each block needs 32 / 48 / 16
+    and all keep 48. Layer 0's 40 removable neurons are made removable by a zero gate row (their
+    product is 0) with their contract columns left non-zero: 24 of them scaled up by 100 are the
+    strongest, so those are the ones kept beyond the live 24."""
+    from neuroprune.compaction import compact_uniform
+    from test_uniform import uneven_llama
+
+    pruner = uneven_llama()
+    unit = pruner.index.mlps[0]
+    dead = (~unit.down.weight.ne(0).any(0)).nonzero().flatten()
+    assert len(dead) == 40
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        unit.down.weight[:, dead] = torch.randn(unit.down.weight.shape[0], 40, generator=g)
+        unit.down.weight[:, dead[:24]] *= 100
+        unit.gate.weight[dead] = 0
+    x = tiny_inputs("llama")
+    expected = main_output(pruner.model, x)
+    result = compact_uniform(pruner, rule=CompactionRule(multiple_of=16))
+    assert result.min_neurons_needed == [32, 48, 16] and result.neurons == 48
+    live = sorted(set(range(64)) - set(dead.tolist()))
+    assert unit.kept_neurons == sorted(live + dead[:24].tolist())
+    torch.testing.assert_close(main_output(pruner.model, x), expected, atol=1e-5, rtol=0)
+
+
+def test_uniform_compaction_of_a_one_layer_model():
+    """One block: the head fields and the accepted head count come from the only attention block."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from neuroprune.compaction import compact_uniform
+
+    from tiny import VOCAB
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("llama", vocab_size=VOCAB, hidden_size=32, num_attention_heads=4,
+                                  num_key_value_heads=2, intermediate_size=32, num_hidden_layers=1)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    unit = units_of(model)[0][0]
+    with torch.no_grad():
+        weight_matrix(unit.o)[:, unit.query_rows([1])] = 0  # group 1 dead
+    x = tiny_inputs("llama")
+    expected = main_output(model, x)
+    result = compact_uniform(model)
+    assert result.groups == 1 and result.config_changes["num_key_value_heads"] == 1
+    assert model.config.num_attention_heads == 2
+    torch.testing.assert_close(main_output(model, x), expected, atol=1e-5, rtol=0)
+
+
+def test_uniform_compaction_refuses_a_model_compacted_before():
+    from neuroprune import compact
+    from neuroprune.compaction import compact_uniform
+    from test_uniform import uneven_llama
+
+    pruner = uneven_llama()
+    compact(pruner, rule=CompactionRule(1.0, 1.0, 8))
+    with pytest.raises(ConfigError, match="compacted before"):
+        compact_uniform(pruner)
