@@ -1241,3 +1241,23 @@ def test_uniform_compaction_refuses_a_model_compacted_before():
     compact(pruner, rule=CompactionRule(1.0, 1.0, 8))
     with pytest.raises(ConfigError, match="compacted before"):
         compact_uniform(pruner)
+
+
+def test_planned_parameter_count_includes_the_contract_biases_compaction_adds():
+    """T5 (ReLU, no contract bias) with an up bias: neurons with a zero up row fold relu(b) into a
+    contract bias that `compact` must add. The plan's parameter count must equal the count of the
+    model `compact` then leaves (the added biases included), and the plan must say so."""
+    from neuroprune import compact
+    from neuroprune.compaction import flop_count, plan
+
+    model = _t5_with_up_bias()
+    with torch.no_grad():
+        for mlp in units_of(model)[1]:
+            mlp.up.weight[:5] = 0
+            mlp.up.bias[:5] = torch.tensor([1.0, 2.0, -1.0, 0.5, 3.0])  # relu: 4 non-zero constants
+    index, rule = ModelIndex(model), CompactionRule(multiple_of=1)
+    assert all(p.adds_bias is True for p in plan(index, rule).mlps)
+    planned = flop_count(index, rule=rule).params_compacted
+    compact(index, rule=rule)
+    assert all(u.down.bias is not None for u in index.mlps)
+    assert planned == sum(p.numel() for p in model.parameters())
