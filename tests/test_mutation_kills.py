@@ -1261,3 +1261,26 @@ def test_planned_parameter_count_includes_the_contract_biases_compaction_adds():
     compact(index, rule=rule)
     assert all(u.down.bias is not None for u in index.mlps)
     assert planned == sum(p.numel() for p in model.parameters())
+
+
+def test_flop_count_and_uniform_compaction_of_a_plain_model_honour_its_config():
+    """A plain model is indexed with the discovery options of `config`: the planned parameter count
+    matches what `compact` with the same config leaves, and uniform compaction of a model whose
+    layer-0 MLP is excluded (so kept at full width) is refused, not compacted as if included."""
+    from neuroprune import NeuroPruneConfig, compact
+    from neuroprune.compaction import compact_uniform, flop_count
+
+    config, rule = NeuroPruneConfig(exclude_modules=r"layer\.1"), CompactionRule(multiple_of=1)
+    model = tiny_model("bert")
+    with torch.no_grad():
+        for mlp in units_of(model)[1]:
+            weight_matrix(mlp.down)[:, :24] = 0
+    planned = flop_count(model, rule=rule, config=config).params_compacted
+    compact(model, config, rule)
+    assert planned == sum(p.numel() for p in model.parameters())
+
+    llama = tiny_model("llama")
+    with torch.no_grad():
+        weight_matrix(units_of(llama)[1][1].down)[:, :16] = 0  # layer 1 needs fewer neurons
+    with pytest.raises(UnsupportedArchitectureError, match="stock model differs"):
+        compact_uniform(llama, NeuroPruneConfig(exclude_modules=r"layers\.0\.mlp"))
