@@ -1284,3 +1284,36 @@ def test_flop_count_and_uniform_compaction_of_a_plain_model_honour_its_config():
         weight_matrix(units_of(llama)[1][1].down)[:, :16] = 0  # layer 1 needs fewer neurons
     with pytest.raises(UnsupportedArchitectureError, match="stock model differs"):
         compact_uniform(llama, NeuroPruneConfig(exclude_modules=r"layers\.0\.mlp"))
+
+
+def test_an_input_read_by_one_of_q_k_v_only_stays():
+    """Input dims 0..15 dead except dim 3 (read by K only), dim 5 (V only), dim 7 (Q only): each of
+    them is still read, so the gather keeps 3, 5, 7 and 16..31, and the output is unchanged."""
+    from neuroprune.compaction import plan_attention
+
+    model, unit, _ = _bert_layer0()
+    q, k, v = _qkv_weights(unit)
+    with torch.no_grad():
+        for m in (q, k, v):
+            m[:, :16] = 0
+        k[:, 3], v[:, 5], q[:, 7] = 1.0, -1.0, 0.5
+    kept = [3, 5, 7, *range(16, 32)]
+    assert plan_attention(unit, CompactionRule()).keep_inputs == kept
+    x = tiny_inputs("bert")
+    before = main_output(model, x)
+    compact_attention(unit, CompactionRule())
+    assert kept_inputs(unit.k) == kept
+    torch.testing.assert_close(main_output(model, x), before, atol=1e-5, rtol=1e-4)
+
+
+def test_a_single_dead_group_is_kept_not_indexed_past():
+    """All groups dead in a one-head block: the plan keeps that one group (no removal, no index
+    past the only group)."""
+    from neuroprune.compaction import plan_attention
+
+    block = _Attn(8, 4, 4)
+    with torch.no_grad():
+        block.o.weight.zero_()
+    unit = AttentionUnit(Found("blk", block, _ATTN_LAYOUT), SimpleNamespace(head_dim=4))
+    p = plan_attention(unit, CompactionRule())
+    assert p.keep_groups is None and p.keep_inputs is None
