@@ -1317,3 +1317,22 @@ def test_a_single_dead_group_is_kept_not_indexed_past():
     unit = AttentionUnit(Found("blk", block, _ATTN_LAYOUT), SimpleNamespace(head_dim=4))
     p = plan_attention(unit, CompactionRule())
     assert p.keep_groups is None and p.keep_inputs is None
+
+
+@pytest.mark.parametrize(
+    "excluded, groups, neurons, changes",
+    [("self_attn", 0, 48, {"intermediate_size": 48}),  # no attention block indexed: no head fields
+     ("mlp", 2, 0, {"num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8})],  # no MLP
+)
+def test_uniform_compaction_with_no_attention_or_no_mlp_indexed(excluded, groups, neurons, changes):
+    """tiny llama: 4 heads over 2 key/value groups of head size 8, 48 neurons; blocks excluded from
+    the index are neither counted nor written into the config."""
+    from neuroprune import NeuroPruneConfig
+    from neuroprune.compaction import compact_uniform
+
+    model = tiny_model("llama")
+    x = tiny_inputs("llama")
+    expected = main_output(model, x)
+    result = compact_uniform(model, NeuroPruneConfig(exclude_modules=excluded))
+    assert (result.groups, result.neurons, result.config_changes) == (groups, neurons, changes)
+    torch.testing.assert_close(main_output(model, x), expected, atol=0, rtol=0)
