@@ -1,13 +1,19 @@
-"""`compaction.plan` runs on every structural selection of a FLOP-target run (issue 15): it must
-read the device back once for the whole model, not once per block (each read is a host-device
-synchronisation on a GPU), and what it read must not be read again by the FLOP count."""
+"""What a structural selection of a FLOP-target run costs (issue 15): `compaction.plan`, which it
+calls every round, reads the device back once for the whole model, not once per block (each read
+is a host-device synchronisation on a GPU), and what it read is not read again by the FLOP count;
+the selection's thousands of small operators run on one CPU thread, whatever the training uses."""
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from neuroprune import NeuroPruneConfig
 from neuroprune.compaction import CompactionRule, plan
+from neuroprune.methods import build_method
+from neuroprune.methods.steering import SparsityTarget
 from neuroprune.model.flops import planned_flops
 from test_compaction import structured
+
+from tiny import tiny_model
 
 SYNC_OPS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::item", "aten::is_nonzero")
 
@@ -51,3 +57,27 @@ def test_kept_count_follows_in_place_changes_of_removable():
     assert p.kept_count == before + 3
     p.removable = torch.zeros_like(p.removable)
     assert p.kept_count == p.removable.numel()
+
+
+def test_selection_runs_on_one_thread_and_restores_the_count():
+    method = build_method("neuroprune", tiny_model("bert"), NeuroPruneConfig(),
+                          SparsityTarget(flops=0.6, seq_len=16))
+    method.on_train_begin(20)
+    pruner = method.structural
+    seen = []
+    scorer = pruner.scorer
+
+    def spy(removed):
+        seen.append(torch.get_num_threads())
+        return scorer(removed)
+
+    pruner.scorer = spy
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        pruner.select(pruner.every)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert seen and set(seen) == {1}
+    assert any(pruner.removed.to_dict()[k] for k in ("neurons", "groups", "inputs"))
