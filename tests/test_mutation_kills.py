@@ -1336,3 +1336,6 @@ def test_uniform_compaction_with_no_attention_or_no_mlp_indexed(excluded, groups
     result = compact_uniform(model, NeuroPruneConfig(exclude_modules=excluded))
     assert (result.groups, result.neurons, result.config_changes) == (groups, neurons, changes)
     torch.testing.assert_close(main_output(model, x), expected, atol=0, rtol=0)
+    # the returned index is built with the same discovery options: the excluded blocks stay out
+    blocks = (0, 2) if excluded == "self_attn" else (2, 0)
+    assert (len(result.index.attention), len(result.index.mlps)) == blocks
