@@ -421,6 +421,7 @@ def write_results(
             "modules_not_run": args.not_run,
             "threads": "OMP_NUM_THREADS=MKL_NUM_THREADS=OPENBLAS_NUM_THREADS=1",
         },
+        "note": args.note,
         "planted_mutant_check": planted,
         "wall_s": round(wall_s, 1),
         "mutants": len(results),
@@ -453,8 +454,8 @@ def markdown(s: dict) -> str:
         f"Modules: {', '.join('`' + m + '`' for m in s['settings']['modules'])}.",
         f"Tests: {', '.join('`' + t + '`' for t in s['settings']['tests'])} "
         f"(deselected: {', '.join('`' + d + '`' for d in s['settings']['deselected'])}).",
-        f"Mutants run (last call): `{s['settings']['only']}`." if s["settings"]["only"]
-        else "All their mutants.",
+        only_line(s["settings"]["only"]),
+        f"Note: {s['note']}" if s.get("note") else "",
         f"**Modules whose mutants were not run: {', '.join(s['settings']['modules_not_run'])}** (not scored)."
         if s["settings"]["modules_not_run"] else "",
         "",
@@ -480,6 +481,14 @@ def markdown(s: dict) -> str:
         verdict = f"equivalent: {sv['reason']}" if sv["equivalent"] else "**NOT KILLED**"
         lines += [f"### `{sv['name']}` ({sv['status']})", "", verdict, "", "```diff", sv["diff"], "```", ""]
     return "\n".join(lines) + "\n"
+
+
+def only_line(only: list[str] | None) -> str:
+    if not only:
+        return "All their mutants."
+    if len(only) > 12:  # a re-run of named survivors: the names are in the JSON
+        return f"Mutants run (last call): {len(only)} named mutants (listed in `settings.only` of the JSON)."
+    return f"Mutants run (last call): `{only}`."
 
 
 def scored_by(s: dict, module: str) -> str:
@@ -509,6 +518,7 @@ def main() -> None:
         "--only", action="append", help="glob over mutant names, e.g. 'neuroprune.methods.heads.*'"
     )
     parser.add_argument("--report-only", action="store_true", help="rewrite the results from .mutation/")
+    parser.add_argument("--note", default="", help="free text kept with the results (e.g. earlier passes)")
     parser.add_argument(
         "--merge", action="append", default=[], metavar="[REV:]PATH",
         help="earlier results JSON whose modules this run did not score are added (labelled per module)",
