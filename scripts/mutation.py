@@ -547,7 +547,8 @@ def main() -> None:
     unchecked = {n for n, r in results.items() if r["status"] == "not checked"}
     results = {n: r for n, r in results.items() if n not in unchecked}
     this_run = {
-        "run": "this run" + (f" (--only {' '.join(args.only)})" if args.only else ""),
+        "run": "this run" + (f" (--only {' '.join(args.only)})" if args.only and len(args.only) <= 12
+                             else f" (--only: {len(args.only)} named mutants)" if args.only else ""),
         "git_commit": git_commit(args.rev),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "wall_s": round(wall, 1),
