@@ -24,7 +24,9 @@ copy and requires the test subset to fail on it (recorded as `planted_mutant_che
 `--merge [REV:]PATH` folds an earlier results JSON into the report: every module of it that this run
 did not score keeps its earlier verdicts, labelled per module with the run (commit, date) that
 produced them and whether the module's source changed since (`changed_since`); a module this run
-scored takes this run's verdicts. Modules scored by no run are named as not scored.
+scored takes this run's verdicts. Every module also records whether its source differs at the HEAD
+the report was written at (`changed_by_head`): the score is that of the scored commit. Modules
+scored by no run are named as not scored.
 
 Survivors argued equivalent live in `scripts/mutation.equivalents.json`, matched by function and
 by the changed source lines (not by mutant number, which shifts when the code above changes); the
@@ -356,6 +358,9 @@ def merge_earlier(
         for sv in earlier.get("survivors", []):
             if module_of(sv["name"]) in new_modules:
                 diffs[sv["name"]] = sv
+    head = git_commit("HEAD")  # the score describes the scored commit's source, not later edits
+    for module, prov in provenance.items():
+        prov["changed_by_head"] = source_changed(module, prov["git_commit"], head)
     return combined, diffs, provenance
 
 
@@ -499,6 +504,8 @@ def scored_by(s: dict, module: str) -> str:
     if "merged_from" in prov:
         text += f" (merged from `{prov['merged_from']}`"
         text += "; **source changed since**)" if prov.get("changed_since") else "; source unchanged since)"
+    if prov.get("changed_by_head"):
+        text += "; **source changed by today's HEAD**"
     return text
 
 
