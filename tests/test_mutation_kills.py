@@ -1339,3 +1339,30 @@ def test_uniform_compaction_with_no_attention_or_no_mlp_indexed(excluded, groups
     # the returned index is built with the same discovery options: the excluded blocks stay out
     blocks = (0, 2) if excluded == "self_attn" else (2, 0)
     assert (len(result.index.attention), len(result.index.mlps)) == blocks
+
+
+# --- penalties: the fused penalty (survivors of the penalties.py re-run, issue 18) -------------------
+
+def test_row_weights_by_hand():
+    """Rows shared by a 2x3 and a 2x2 matrix (length 5): an all-zero row has degree 0, clamped to
+    1/5, so weight 5; a row with 3 entries >= eps has degree 3/5, weight 5/3."""
+    from neuroprune.methods.penalties import row_weights
+
+    a = torch.tensor([[0.0, 0.0, 0.0], [1.0, 0.0, -2.0]])
+    b = torch.tensor([[0.0, 0.0], [0.0, 0.5]])
+    torch.testing.assert_close(row_weights([a, b], 1e-3), torch.tensor([5.0, 5.0 / 3.0]))
+
+
+def test_fused_penalty_value_of_a_term_over_two_matrices_by_hand():
+    """One preferential-attachment term over two matrices sharing rows: alpha * sum_r w_r * (|A_r|_1 +
+    |B_r|_1); alpha = 0 (or no term at all) gives no penalty rather than a zero one."""
+    from neuroprune.methods.penalties import fused_penalty
+
+    a = torch.tensor([[1.0, -2.0], [0.0, 3.0]], requires_grad=True)
+    b = torch.tensor([[4.0], [-1.0]], requires_grad=True)
+    w = torch.tensor([0.5, 2.0])
+    value = fused_penalty([([a, b], w)], 0.1, [], 0.0, 1e-12)
+    torch.testing.assert_close(value, torch.tensor(0.1 * (0.5 * (1 + 2 + 4) + 2.0 * (3 + 1))))
+    value.backward()
+    torch.testing.assert_close(b.grad, torch.tensor([[0.1 * 0.5], [-0.1 * 2.0]]))
+    assert fused_penalty([([a, b], w)], 0.0, [], 0.0, 1e-12) is None
