@@ -1366,3 +1366,9 @@ def test_fused_penalty_value_of_a_term_over_two_matrices_by_hand():
     value.backward()
     torch.testing.assert_close(b.grad, torch.tensor([[0.1 * 0.5], [-0.1 * 2.0]]))
     assert fused_penalty([([a, b], w)], 0.0, [], 0.0, 1e-12) is None
+
+
+def test_uniform_widths_need_a_flop_target():
+    assert SparsityTarget(flops=0.5, uniform=True).uniform is True
+    with pytest.raises(ConfigError, match="give --target-flops F instead of --target-sparsity"):
+        SparsityTarget(sparsity=0.9, uniform=True)
