@@ -24,6 +24,10 @@ batch 1 and 8 x 64 tokens, so the speed-ups are ratios measured side by side und
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/uniform_training.py --train dense   # one run
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/uniform_training.py --measure      # compact + time
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/uniform_training.py                # all of it
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/uniform_training.py --train free_f75 uniform_f75
+
+The committed results: the three default runs plus the F = 0.75 pair (trained because every F = 0.5
+run ended at chance), then `--measure --budget 20`.
 
 Writes benchmarks/results/uniform_training.{json,md}; run folders under --work (not committed).
 """
