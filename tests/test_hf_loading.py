@@ -223,6 +223,8 @@ def test_our_tokenizer_loading_never_asks_about_remote_code(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] == str(tokenizer("encoder")("the film is good")["input_ids"])
     assert "[y/N]" not in proc.stdout + proc.stderr
+    # nor warns that the folder's `neuroprune_compacted` config builds a model of another type
+    assert "You are using a model of type" not in proc.stdout + proc.stderr, proc.stderr[-2000:]
     src = Path(neuroprune.__file__).parent
     unguarded = [str(p.relative_to(src)) for p in src.rglob("*.py")
                  if "AutoTokenizer.from_pretrained(" in p.read_text() and p.name not in ("checkpoint.py",

@@ -163,7 +163,10 @@ def load_weights(model: nn.Module, directory: str | Path, meta: dict[str, Any]) 
 def load_tokenizer(directory: str | Path) -> Any:
     """The stock tokenizer saved in a model folder. A compacted folder maps the Auto classes to its
     own modeling code; the tokenizer needs none, and without `trust_remote_code=False`
-    transformers would stop at an interactive trust_remote_code prompt (it reads the config)."""
+    transformers would stop at an interactive trust_remote_code prompt (it reads the config).
+    The stock config is passed too: read from a compacted folder's config.json, transformers
+    would warn that a `neuroprune_compacted` model instantiates a model of another type."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(directory, trust_remote_code=False)
+    config = stock_config(directory) if (Path(directory) / "config.json").exists() else None
+    return AutoTokenizer.from_pretrained(directory, config=config, trust_remote_code=False)
