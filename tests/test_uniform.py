@@ -118,6 +118,27 @@ def test_families_whose_config_cannot_say_it_are_refused(family):
     assert {k: v.shape for k, v in pruner.model.state_dict().items()} == shapes  # refused before any change
 
 
+def test_a_parameter_the_stock_class_lacks_is_refused_before_any_change():
+    """A Llama built with MLP biases whose contract bias was removed by hand: the stock class
+    (mlp_bias=True) has `down_proj.bias`, the model not. Refused with the model untouched (the
+    check used to come after the MLPs were already narrowed)."""
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("llama", vocab_size=VOCAB, hidden_size=D, num_attention_heads=HEADS,
+                                  num_key_value_heads=KV, intermediate_size=FFN, num_hidden_layers=2,
+                                  max_position_embeddings=64, mlp_bias=True)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    for layer in model.model.layers:
+        layer.mlp.down_proj.bias = None
+    pruner = NeuroPrune(model, NeuroPruneConfig())
+    with torch.no_grad():
+        for unit in pruner.index.mlps:
+            weight_matrix(unit.down)[:, :16] = 0  # dead neurons: something to remove
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    with pytest.raises(UnsupportedArchitectureError, match="down_proj.bias"):
+        compact_uniform(pruner)
+    assert {k: v.shape for k, v in model.state_dict().items()} == shapes
+
+
 def test_cli_uniform_saves_a_stock_folder(tmp_path, capsys):
     pruner = uneven_llama()
     x = tiny_inputs("llama")

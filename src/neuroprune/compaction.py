@@ -437,6 +437,16 @@ def _refusal(model: nn.Module, why: str) -> str:
             "trust_remote_code=True).")
 
 
+def _check_names(model: nn.Module, stock: nn.Module) -> None:
+    """Refuse, before any surgery, a model whose parameters the stock class does not name alike
+    (e.g. a bias removed by hand, or one the config cannot express): otherwise the refusal would
+    come from `_check_shapes` with the model already narrowed."""
+    own, built = model.state_dict().keys(), stock.state_dict().keys()
+    wrong = sorted(own ^ built)
+    if wrong:
+        raise UnsupportedArchitectureError(_refusal(model, f"its stock model differs at {wrong[:3]}"))
+
+
 def _check_shapes(model: nn.Module, stock: nn.Module) -> None:
     own, built = model.state_dict(), stock.state_dict()
     wrong = sorted(k for k in own.keys() | built.keys()
@@ -507,6 +517,7 @@ def compact_uniform(model_or_index: nn.Module | ModelIndex | Any, config: Any = 
     changes = {**(_head_fields(index.attention[0], groups) if index.attention else {}),
                **({"intermediate_size": neurons} if index.mlps else {})}
     new_config, stock = _stock_model(index.model, changes)  # refuses before anything changes
+    _check_names(index.model, stock)  # so does this: parameters the stock class lacks or adds
     for p in base.attention:
         _uniform_groups(p, groups)
     for p in base.mlps:
