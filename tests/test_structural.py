@@ -37,8 +37,10 @@ def test_plain_loop_lands_within_two_points_and_compacts_to_it(family, flops):
     count = flop_count(method, seq_len=16)
     assert abs(count.fraction - flops) <= 0.02, count
     assert method.structural.removed.neurons  # neurons went
+    logged_heads = method.log_values()["heads_kept"]  # the held groups are not counted as kept
     compact(method)
     assert current_flops(method.index, 16) == count.compacted  # what was steered is what compacts
+    assert logged_heads == sum(u.num_heads for u in method.index.attention)
     assert sum(p.numel() for p in model.parameters()) == count.params_compacted < count.params_dense
 
 

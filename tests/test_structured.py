@@ -37,8 +37,10 @@ def test_lands_within_two_points_of_the_flop_target_and_compacts_to_it(family, f
     removed = method.structural.removed
     assert removed.neurons  # the cheapest units by norm: neurons always take part
     assert method.regularization_loss().item() == 0  # no penalty in the loss
+    logged_heads = method.log_values()["heads_kept"]  # the held groups are not counted as kept
     compact(method)
     assert current_flops(method.index, 16) == count.compacted
+    assert logged_heads == sum(u.num_heads for u in method.index.attention)
     assert sum(p.numel() for p in model.parameters()) == count.params_compacted < count.params_dense
     assert method.summary()["target_flops"] == flops
 

@@ -375,7 +375,8 @@ class NeuroPrune(PenaltyMethod):
             values["target_heads_now"] = goal
         if self.structural is not None:
             values.update(target_flops_now=self.structural.scheduled,
-                          flops_fraction_now=self.structural.planned)
+                          flops_fraction_now=self.structural.planned,
+                          heads_kept=values["heads_kept"] - self.structural.heads_held())
         return values
 
     def summary(self) -> dict[str, Any]:

@@ -451,6 +451,14 @@ class StructuralPruner:
         self.planned = 1.0
         self.dense = dense_flops(index, target.seq_len)
 
+    def heads_held(self) -> int:
+        """Query heads of the key/value groups held at zero, which `compact` removes: the
+        model's own head count includes them until then (this mode does no surgery in training),
+        so logs subtract them to show the heads the compacted model will keep."""
+        return sum(len(self.removed.groups.get(b, [])) * unit.group_size
+                   for b, unit in enumerate(self.index.attention)
+                   if not getattr(unit, "head_removal_refused", None))
+
     def smallest_fraction(self) -> float:
         """The least FLOP fraction selection can reach: every block keeps one key/value group
         (all of them where the family refuses head removal), one input dim (all without "inputs"

@@ -130,8 +130,10 @@ class StructuredMagnitude(SparsityMethod):
 
     # --- logs and state --------------------------------------------------------------------------
     def log_values(self, detailed: bool = False) -> dict[str, float]:
-        return {**super().log_values(detailed), "target_flops_now": self.structural.scheduled,
-                "flops_fraction_now": self.structural.planned}
+        values = super().log_values(detailed)
+        return {**values, "target_flops_now": self.structural.scheduled,
+                "flops_fraction_now": self.structural.planned,
+                "heads_kept": values["heads_kept"] - self.structural.heads_held()}
 
     def summary(self) -> dict[str, Any]:
         return {**super().summary(), "target_flops": self.target.flops}
