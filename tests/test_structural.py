@@ -40,7 +40,7 @@ def test_plain_loop_lands_within_two_points_and_compacts_to_it(family, flops):
     logged_heads = method.log_values()["heads_kept"]  # the held groups are not counted as kept
     compact(method)
     assert current_flops(method.index, 16) == count.compacted  # what was steered is what compacts
-    assert logged_heads == sum(u.num_heads for u in method.index.attention)
+    assert logged_heads == count.heads_compacted == sum(u.num_heads for u in method.index.attention)
     assert sum(p.numel() for p in model.parameters()) == count.params_compacted < count.params_dense
 
 

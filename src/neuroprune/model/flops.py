@@ -114,6 +114,7 @@ class FlopCount:
     compacted: int
     params_dense: int
     params_compacted: int
+    heads_compacted: int | None = None  # query heads the compacted model keeps
 
     @property
     def fraction(self) -> float:
@@ -123,7 +124,8 @@ class FlopCount:
     def to_dict(self) -> dict[str, Any]:
         return {"flops_fraction": self.fraction, "block_flops_dense": self.dense,
                 "block_flops_compacted": self.compacted, "flops_seq_len": self.seq_len,
-                "params_dense": self.params_dense, "params_compacted": self.params_compacted}
+                "params_dense": self.params_dense, "params_compacted": self.params_compacted,
+                "heads_compacted": self.heads_compacted}
 
 
 def dense_flops(index: Any, seq_len: int = DEFAULT_SEQ_LEN) -> int:
@@ -188,5 +190,7 @@ def count(index: Any, plan: Any, seq_len: int = DEFAULT_SEQ_LEN) -> FlopCount:
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
         raise ConfigError(f"seq_len must be a positive whole number of tokens, got {seq_len!r}.")
     params_now = sum(t.numel() for t in index.model.parameters())
+    heads = sum(p.unit.num_heads if p.keep_groups is None else len(p.keep_groups) * p.unit.group_size
+                for p in plan.attention)
     return FlopCount(seq_len, dense_flops(index, seq_len), planned_flops(plan, seq_len),
-                     index.original_parameters, params_now - removed_parameters(plan))
+                     index.original_parameters, params_now - removed_parameters(plan), heads)

@@ -167,6 +167,9 @@ def train_run(s: TrainSettings, callbacks: list | None = None, quiet: bool = Fal
         method.save_pretrained(run.model, tokenizer)
     if not quiet:
         print(report.to_markdown().split("\n")[0])
+        print(f"once compacted (neuroprune compact): {figures['params_compacted']:,} of "
+              f"{figures['params_dense']:,} parameters, {figures['flops_fraction']:.1%} of the dense "
+              f"block FLOPs, {figures['heads_compacted']} of {report.heads_total} heads")
         for note in notes:
             print(f"neuroprune: {note}", file=sys.stderr)
     return RunResult(run.path, task, final, test, figures, train_seconds, recorder.records, notes)
