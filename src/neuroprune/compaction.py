@@ -124,7 +124,7 @@ def dead_groups(unit: AttentionUnit) -> list[int]:
 #
 # The plan runs on every structural selection during training (`methods/structural.py`), so it is
 # on the training path: every decision is first made on the device for all blocks, and the few
-# numbers and positions the host needs come back in ONE copy (`_to_host`) instead of an
+# numbers and positions the host needs come back in ONE copy (`to_host`) instead of an
 # `int()` / `bool()` / `.tolist()` per block (each a host-device synchronisation on a GPU).
 
 @dataclass
@@ -222,12 +222,13 @@ def _mlp_plan(unit: MLPUnit, masks: dict[str, torch.Tensor], host: dict[str, lis
                    [i for i, d in enumerate(host["dead"]) if d], (id(removable), removable._version, kept))
 
 
-def _to_host(tensors: list[torch.Tensor]) -> list[list[bool]]:
-    """Bool tensors (any devices) as host lists, read back with one copy for all of them."""
+def to_host(tensors: list[torch.Tensor], dtype: torch.dtype = torch.bool) -> list[list[Any]]:
+    """Tensors (any devices, any shapes) as flat host lists of `dtype`, read back with one copy
+    for all of them (one host-device synchronisation instead of one per tensor)."""
     if not tensors:
         return []
     device = tensors[0].device
-    flat = torch.cat([t.reshape(-1).to(device=device, dtype=torch.bool) for t in tensors]).tolist()
+    flat = torch.cat([t.detach().reshape(-1).to(device=device, dtype=dtype) for t in tensors]).tolist()
     out, start = [], 0
     for t in tensors:
         out.append(flat[start:start + t.numel()])
@@ -242,7 +243,7 @@ def plan_blocks(attention: list[AttentionUnit], mlps: list[MLPUnit],
     attention_masks = [_attention_masks(u) for u in attention]
     mlp_masks = [_mlp_masks(u, rule) for u in mlps]
     names = ("dead", "removable", "adds_bias", "rows_alive")
-    host = iter(_to_host([t for pair in attention_masks for t in pair]
+    host = iter(to_host([t for pair in attention_masks for t in pair]
                          + [m[name] for m in mlp_masks for name in names]))
     attention_plans = [_attention_plan(u, next(host), next(host), rule) for u in attention]
     mlp_plans = [_mlp_plan(u, m, {name: next(host) for name in names}, rule)

@@ -374,9 +374,7 @@ class NeuroPrune(PenaltyMethod):
         if goal is not None:
             values["target_heads_now"] = goal
         if self.structural is not None:
-            values.update(target_flops_now=self.structural.scheduled,
-                          flops_fraction_now=self.structural.planned,
-                          heads_kept=values["heads_kept"] - self.structural.heads_held())
+            values.update(self.structural.log_values(values["heads_kept"]))
         return values
 
     def summary(self) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from neuroprune.compaction import CompactionPlan, CompactionRule, compact_uniform, plan
+from neuroprune.compaction import CompactionPlan, CompactionRule, compact_uniform, plan, to_host
 from neuroprune.errors import ConfigError, UnsupportedArchitectureError
 from neuroprune.methods.steering import SparsityTarget
 from neuroprune.model.flops import (
@@ -251,15 +251,8 @@ def select_to_budget(index: ModelIndex, scores: UnitScores, budget: int, seq_len
 def _host_scores(scores: UnitScores) -> dict[str, list[list[float]]]:
     """Every block's scores of every kind as host lists (float64), read back in one copy."""
     kinds = ("neurons", "groups", "inputs")
-    tensors = [t.detach().double().reshape(-1) for kind in kinds for t in getattr(scores, kind)]
-    flat = torch.cat(tensors).tolist() if tensors else []
-    out, start = {}, 0
-    for kind in kinds:
-        out[kind] = []
-        for t in getattr(scores, kind):
-            out[kind].append(flat[start:start + t.numel()])
-            start += t.numel()
-    return out
+    flat = iter(to_host([t for kind in kinds for t in getattr(scores, kind)], torch.float64))
+    return {kind: [next(flat) for _ in getattr(scores, kind)] for kind in kinds}
 
 
 def _of_kind(values: list[float], gone: set[int], kind: str, block: int) -> list[Candidate]:
@@ -458,6 +451,12 @@ class StructuralPruner:
         return sum(len(self.removed.groups.get(b, [])) * unit.group_size
                    for b, unit in enumerate(self.index.attention)
                    if not getattr(unit, "head_removal_refused", None))
+
+    def log_values(self, heads_kept: int) -> dict[str, float]:
+        """The selection's figures for a method's logs: the scheduled and planned FLOP fractions,
+        and `heads_kept` (the model's own count) less the heads held at zero (`heads_held`)."""
+        return {"target_flops_now": self.scheduled, "flops_fraction_now": self.planned,
+                "heads_kept": heads_kept - self.heads_held()}
 
     def smallest_fraction(self) -> float:
         """The least FLOP fraction selection can reach: every block keeps one key/value group

@@ -131,9 +131,7 @@ class StructuredMagnitude(SparsityMethod):
     # --- logs and state --------------------------------------------------------------------------
     def log_values(self, detailed: bool = False) -> dict[str, float]:
         values = super().log_values(detailed)
-        return {**values, "target_flops_now": self.structural.scheduled,
-                "flops_fraction_now": self.structural.planned,
-                "heads_kept": values["heads_kept"] - self.structural.heads_held()}
+        return {**values, **self.structural.log_values(values["heads_kept"])}
 
     def summary(self) -> dict[str, Any]:
         return {**super().summary(), "target_flops": self.target.flops}
