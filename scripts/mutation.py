@@ -76,6 +76,8 @@ TESTS = [
     "tests/test_exactness.py",
     "tests/test_hand_computed.py",
     "tests/test_mutation_kills.py",
+    "tests/test_mutation_kills_penalty.py",
+    "tests/test_mutation_kills_neuroprune.py",
     "tests/test_baselines.py",
     "tests/test_checkpoint.py",
     "tests/test_flops.py",
