@@ -29,11 +29,15 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import load, machine, write_atomic  # noqa: E402
 from neuroprune import NeuroPruneConfig  # noqa: E402
 from neuroprune.methods import build_method  # noqa: E402
+from neuroprune.methods.activation_scores import activation_scores  # noqa: E402
 from neuroprune.methods.steering import SparsityTarget  # noqa: E402
+from neuroprune.model.activations import ActivationStats  # noqa: E402
 from neuroprune.model.surgery import weight_matrix  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-CELLS = [("neuroprune", ("neurons", "heads", "inputs")), ("structured", ("neurons", "heads", "inputs")),
+CELLS = [("activations", ("neurons", "heads", "inputs")), ("activations", ("neurons",)),
+         ("activations", ("heads",)), ("activations", ("inputs",)),
+         ("neuroprune", ("neurons", "heads", "inputs")), ("structured", ("neurons", "heads", "inputs")),
          ("neuroprune", ("neurons",)), ("structured", ("neurons",)), ("random", ("neurons",)),
          ("neuroprune", ("heads",)), ("neuroprune", ("inputs",))]
 
@@ -43,10 +47,15 @@ def parse() -> argparse.Namespace:
     p.add_argument("--model", type=Path, required=True, help="a fine-tuned classifier folder")
     p.add_argument("--validation", type=Path, required=True, help="jsonl with sentence, label")
     p.add_argument("--rows", type=int, default=256)
+    p.add_argument("--calibration", type=Path, default=None,
+                   help="jsonl (e.g. the training file) whose first --calibration-rows rows feed the "
+                        "activation scores; default: the validation file's rows after the scored ones")
+    p.add_argument("--calibration-rows", type=int, default=128)
     p.add_argument("--flops", type=float, default=0.9)
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--methods", nargs="+", default=None, help="run only these scorers' cells (default: all)")
     p.add_argument("--out", type=Path, default=RESULTS / "oneshot_scores")
     return p.parse_args()
 
@@ -64,6 +73,16 @@ def accuracy(model: Any, tok: Any, rows: list[dict], max_length: int) -> float:
     return 100 * right / len(rows)
 
 
+def calibrated_scorer(meth: Any, model: Any, tok: Any, rows: list[dict], max_length: int) -> Any:
+    """Activation scores from eval-mode passes over `rows` (never the scored rows)."""
+    stats = ActivationStats(meth.index, training_only=False)
+    stats.attach()
+    accuracy(model, tok, rows, max_length)
+    stats.detach()
+    means = stats.means()
+    return lambda removed: activation_scores(meth.index, means, removed)
+
+
 def fresh(args: argparse.Namespace, tok: Any) -> Any:
     model = AutoModelForSequenceClassification.from_pretrained(args.model, dtype=torch.float32)
     if model.config.pad_token_id is None:
@@ -72,7 +91,7 @@ def fresh(args: argparse.Namespace, tok: Any) -> Any:
 
 
 def run_cell(method: str, kinds: tuple[str, ...], args: argparse.Namespace, tok: Any, rows: list[dict],
-             neurons_per_layer: list[int]) -> dict[str, Any]:
+             neurons_per_layer: list[int], calibration: list[dict]) -> dict[str, Any]:
     model = fresh(args, tok)
     if method == "random":  # the same number of neurons per layer as neuroprune's neurons-only cell
         meth = build_method("dense", model)
@@ -83,9 +102,11 @@ def run_cell(method: str, kinds: tuple[str, ...], args: argparse.Namespace, tok:
         removed = {"neurons": sum(neurons_per_layer), "groups": 0, "inputs": 0}
         per_layer = neurons_per_layer
     else:
-        config = NeuroPruneConfig() if method == "neuroprune" else None
+        config = NeuroPruneConfig() if method != "structured" else None
         target = SparsityTarget(flops=args.flops, kinds=kinds, ramp_end=0.01)
-        meth = build_method(method, model, config, target)
+        meth = build_method("neuroprune" if method == "activations" else method, model, config, target)
+        if method == "activations":
+            meth.structural.scorer = calibrated_scorer(meth, model, tok, calibration, args.max_length)
         meth.on_train_begin(100, None)
         meth.on_step_end(1)  # the end of the ramp: one selection down to --flops
         r = meth.structural.removed
@@ -101,13 +122,23 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(args.model)
     tok.pad_token = tok.pad_token or tok.eos_token
     lines = args.validation.read_text().splitlines()
-    rows = [json.loads(line) for line in lines if line.strip()][: args.rows]
+    every = [json.loads(line) for line in lines if line.strip()]
+    rows = every[: args.rows]
+    if args.calibration is None:
+        calibration = every[args.rows: args.rows + args.calibration_rows]
+    else:
+        calibration = [json.loads(line) for line in args.calibration.read_text().splitlines()
+                       if line.strip()][: args.calibration_rows]
+    if not calibration:
+        raise SystemExit("no calibration rows: pass --calibration FILE (e.g. the training jsonl)")
     before = load()
     cells = [{"method": "dense", "kinds": [], "removed": {}, "neurons_per_layer": [],
               "accuracy": accuracy(fresh(args, tok), tok, rows, args.max_length)}]
     per_layer: list[int] = []
     for method, kinds in CELLS:
-        cell = run_cell(method, kinds, args, tok, rows, per_layer)
+        if args.methods and method not in args.methods:
+            continue
+        cell = run_cell(method, kinds, args, tok, rows, per_layer, calibration)
         if method == "neuroprune" and kinds == ("neurons",):
             per_layer = cell["neurons_per_layer"]
         cells.append(cell)

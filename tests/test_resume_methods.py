@@ -30,6 +30,10 @@ METHODS = {
     "neuroprune": dict(method="neuroprune", theta=0.2),  # the paper's mode: penalties in the loss
     "neuroprune-target": dict(method="neuroprune", target_sparsity=0.5, target_heads=5),
     "neuroprune-flops": dict(method="neuroprune", target_flops=0.5),  # structural selection, masks
+    # activation scores: the window of inputs since the last selection (steps 11-12 at the kill's
+    # checkpoint-12: selections every 5 steps) is part of the saved state
+    "neuroprune-activations": dict(method="neuroprune", target_flops=0.5, scores="activations",
+                                   prune_every_steps=5),
     "l1-target": dict(method="l1", target_sparsity=0.4),
     "gmp": dict(method="gmp", target_sparsity=0.6),
     "structured": dict(method="structured", target_flops=0.5),  # removed units held by masks
@@ -89,6 +93,10 @@ def test_sigkill_then_resume_ends_with_the_uninterrupted_weights_and_state(setup
         removed = state_a["state"]["structural"]["removed"]
         assert removed["neurons"] and state_a["state"]["structural"]["last_selection"] == 13
         assert resumed.sparsity["flops_fraction"] == pytest.approx(0.5, abs=0.02)
+    if name == "neuroprune-activations":  # the resumed run scored step 13 from steps 11-13's inputs,
+        # two of them restored from checkpoint-12; after the ramp the window is empty
+        assert state_a["state"]["structural"]["last_selection"] == 13
+        assert set(state_a["state"]["activations"]["counts"]["neurons"]) == {0}
     if name == "structured":  # removals held through the resume; the ramp's last selection
         # (step 13 = ceil(0.7 * 18)) falls between checkpoint-12 and the kill: the resumed run redid it
         assert state_a["state"]["structural"]["removed"]["neurons"]

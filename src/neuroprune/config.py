@@ -19,6 +19,8 @@ if TYPE_CHECKING:
 
 MergeMode = Literal["output", "mlp_input", "none"]
 MERGE_MODES: tuple[str, ...] = ("output", "mlp_input", "none")
+UnitScoreKind = Literal["weights", "activations"]
+UNIT_SCORES: tuple[str, ...] = ("weights", "activations")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -132,6 +134,14 @@ class NeuroPruneConfig(MethodConfig):
             W^O; but the section 5 measure counts it (1/12 of a BERT-style block), so without it
             a 90% target forces Q, K, V and the MLPs to ~98%. Off by default (paper behaviour).
         tiny: added inside the square root of the group penalty so its gradient is finite at 0.
+        scores: how units are ranked for removal under a FLOP target (`--target-flops`; unused
+            otherwise). ``"weights"`` (default): the paper's mechanisms on the weights alone
+            (`NeuroPrune.unit_scores`). ``"activations"``: the root mean energy each unit adds
+            to its output, from the inputs seen in training (`methods/activation_scores.py`,
+            Wanda / FLAP style), times the neuron's degree. Weight-only scores remove
+            load-bearing neurons of LLM-style decoders (SmolLM2: one-shot removal of 10% of the
+            FLOPs leaves chance accuracy with weight scores, 78.5 of 82.0 with activation scores;
+            `docs/compaction.md`); use ``"activations"`` there.
     """
 
     alpha: float = 1e-4
@@ -141,9 +151,12 @@ class NeuroPruneConfig(MethodConfig):
     prune_heads: bool = True
     output_penalty: bool = False
     tiny: float = 1e-12
+    scores: UnitScoreKind = "weights"
 
     def validate(self) -> None:
         super().validate()
+        if self.scores not in UNIT_SCORES:
+            raise ConfigError(f"scores={self.scores!r} is not one of {', '.join(UNIT_SCORES)}.")
         for name in ("alpha", "beta"):
             check_number(name, getattr(self, name), lower=0.0, inclusive=True)
         check_number("theta", self.theta, lower=0.0, inclusive=False)

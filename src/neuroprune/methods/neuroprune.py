@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -15,6 +16,7 @@ from torch import nn
 from neuroprune import distributed
 from neuroprune.config import NeuroPruneConfig
 from neuroprune.errors import ConfigError, DistributedError, NeuroPruneError, UnsupportedArchitectureError
+from neuroprune.methods.activation_scores import activation_scores
 from neuroprune.methods.heads import group_distances, prune_unit, redundant_groups, similarity_from_distances
 from neuroprune.methods.penalties import (
     attention_penalty,
@@ -26,6 +28,7 @@ from neuroprune.methods.penalties import (
 from neuroprune.methods.penalty import Part, PenaltyMethod
 from neuroprune.methods.steering import SparsityTarget, cubic_schedule
 from neuroprune.methods.structural import Removed, StructuralPruner, UnitScores, alive_rows
+from neuroprune.model.activations import ActivationStats
 from neuroprune.model.index import ATTENTION_KINDS, MLP_KINDS, ModelIndex
 from neuroprune.model.sparsity import row_degree
 from neuroprune.model.surgery import ParamChange, weight_matrix
@@ -83,6 +86,7 @@ class NeuroPrune(PenaltyMethod):
         if target is not None and target.heads is not None:
             self._check_head_target(target)
         self.structural: StructuralPruner | None = None
+        self.activations: ActivationStats | None = None  # inputs seen since the last selection
         # refresh period of the cached preferential-attachment row weights (`degree_weights`);
         # None: 1, or the selection period under a FLOP target
         self.degree_every_steps: int | None = None
@@ -95,6 +99,8 @@ class NeuroPrune(PenaltyMethod):
                 target = dataclasses.replace(target, kinds=tuple(k for k in target.kinds if k != "heads"))
             self.target = target
             self.structural = StructuralPruner(self.index, target, self.unit_scores, self._choose_groups)
+            if self.config.scores == "activations":
+                self.activations = ActivationStats(self.index)
 
     def _check_head_target(self, target: SparsityTarget) -> None:
         heads, units = target.heads, self.index.attention
@@ -274,8 +280,19 @@ class NeuroPrune(PenaltyMethod):
         1) times the geometric mean of its fan-in and fan-out l1 norms; an input dim's [Q, K, V]
         group l1 over the groups still present, per row (the group of the l_{1,0.5} term, section
         2; per row, so that a block that lost groups is not made to look weak); a
-        key/value group's geometric mean of its output-projection and Q/K/V block l1 norms."""
+        key/value group's geometric mean of its output-projection and Q/K/V block l1 norms.
+        With `config.scores == "activations"`: `activation_scores` from the inputs seen since
+        the last selection, neurons times their degree."""
         eps = self.config.eps
+        if self.activations is not None:
+            if self.activations.seen:
+                scores = activation_scores(self.index, self.activations.means(), removed)
+                scores.neurons = [s * row_degree([m.detach() for m in u.expand_matrices()], eps).to(s.dtype)
+                                  for s, u in zip(scores.neurons, self.index.mlps)]
+                return scores
+            warnings.warn("scores='activations': no training pass reached every pruned unit since the "
+                          "last selection (is the model in training mode?); this selection uses the "
+                          "weight scores.", stacklevel=2)
         neurons = []
         for unit in self.index.mlps:
             mats = [m.detach() for m in unit.expand_matrices()]
@@ -332,6 +349,8 @@ class NeuroPrune(PenaltyMethod):
         if self.structural is not None:
             self.structural.begin(total_steps)
             self.degree_every = self.degree_every_steps or self.structural.every
+            if self.activations is not None and not self.structural.ramp_done():
+                self.activations.attach()
             return
         self.degree_every = self.degree_every_steps or 1
         t = self.target
@@ -347,11 +366,20 @@ class NeuroPrune(PenaltyMethod):
             self.structural.step(step)
             if self.structural.last_selection == step:  # units removed: degrees moved
                 self._degree_cache = None
+                if self.activations is not None:  # the next selection scores the model as it is now
+                    self.activations.reset()
+                    if self.structural.ramp_done():  # no selection left: no more hooks, no overhead
+                        self.activations.detach()
             return []
         self._degree_cache = None
         if self.prune_every_steps and step % self.prune_every_steps == 0:
             return self._pass()
         return []
+
+    def on_train_end(self) -> None:
+        if self.activations is not None:
+            self.activations.detach()
+        super().on_train_end()
 
     def on_epoch_end(self, epoch: int) -> list[ParamChange]:
         self._degree_cache = None
@@ -390,6 +418,8 @@ class NeuroPrune(PenaltyMethod):
                  "prune_every_steps": self.prune_every_steps}
         if self.structural is not None:
             state["structural"] = self.structural.state_dict()
+        if self.activations is not None:
+            state["activations"] = self.activations.state_dict()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -400,3 +430,5 @@ class NeuroPrune(PenaltyMethod):
         self.prune_every_steps = int(state.get("prune_every_steps", self.prune_every_steps))
         if self.structural is not None and "structural" in state:
             self.structural.load_state_dict(state["structural"])
+        if self.activations is not None:
+            self.activations.load_state_dict(state.get("activations", {}))

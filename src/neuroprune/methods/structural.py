@@ -493,10 +493,14 @@ class StructuralPruner:
         self.masks.build(self.removed)
         self.masks.apply()
 
+    def ramp_done(self) -> bool:
+        """True once the selection at the end of the ramp has run: no selection is left."""
+        end = math.ceil(self.target.ramp_end * self.total_steps)
+        return self.last_selection is not None and self.last_selection >= end
+
     def due(self, step: int) -> bool:
         end = math.ceil(self.target.ramp_end * self.total_steps)
-        ramp_done = self.last_selection is not None and self.last_selection >= end
-        return not ramp_done and (step % self.every == 0 or step >= end)
+        return not self.ramp_done() and (step % self.every == 0 or step >= end)
 
     def step(self, step: int) -> None:
         """After optimiser step `step`: hold the removed units at zero; select when due."""
