@@ -28,6 +28,9 @@ accuracy on the first N rows of SST-2's *validation* split, never its test split
   default ramps over 0-70%): more steps for the survivors to recover;
 - warmup-0.1-0.5: the schedule starts after 10% of the steps (the task head learns first) and
   ends at 50%;
+- activation-scores: the default with `--scores activations` (units ranked by the energy they add
+  to their output, from the inputs of the training steps since the last selection;
+  `methods/activation_scores.py`);
 - soft-prox: the element-sparsity mode (`--target-sparsity`, proximal step that shrinks every
   weight, the sweep's settings) at the sparsity given, for comparison: its compacted FLOPs.
 
@@ -65,7 +68,7 @@ from sweep import DATA, batches, evaluate, load_model, optimizer, predictions, r
 RESULTS = Path(__file__).resolve().parent / "results"
 CELLS = ("dense", "default", "no-penalty", "heads-importance", "magnitude-scores", "no-inputs",
          "neurons-only", "taylor-scores", "distill", "distill-hidden", "rank-normalised", "ramp-0.3",
-         "warmup-0.1-0.5", "soft-prox")
+         "warmup-0.1-0.5", "activation-scores", "soft-prox")
 RAMPS = {"ramp-0.3": (0.0, 0.3), "warmup-0.1-0.5": (0.1, 0.5)}  # cell -> (ramp_begin, ramp_end)
 
 
@@ -112,7 +115,8 @@ def method_for(cell: str, model: Any, args: argparse.Namespace) -> Any:
     if cell == "soft-prox":  # the sweep's element-sparsity settings
         config = NeuroPruneConfig(alpha=1.0, beta=10.0, output_penalty=True)
         return build_method("neuroprune", model, config, SparsityTarget(args.sparsity), prune_every_steps=20)
-    config = NeuroPruneConfig(alpha=0.0, beta=0.0) if cell == "no-penalty" else NeuroPruneConfig()
+    config = NeuroPruneConfig(alpha=0.0, beta=0.0) if cell == "no-penalty" else NeuroPruneConfig(
+        scores="activations" if cell == "activation-scores" else "weights")
     kinds = {"no-inputs": ("neurons", "heads"), "neurons-only": ("neurons",)}.get(
         cell, ("neurons", "heads", "inputs"))
     heads_by = "importance" if cell == "heads-importance" else "redundancy"
