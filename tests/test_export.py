@@ -41,3 +41,27 @@ def test_encoder_decoder_export_is_refused_clearly(tmp_path):
     with pytest.raises(NeuroPruneError, match="encoder-decoder"):
         export_onnx(tiny_model("t5"), tmp_path / "t5.onnx")
     assert not (tmp_path / "t5.onnx").exists()
+
+
+def test_export_prints_nothing_about_the_exporter_itself(tmp_path):
+    """torch's exporter logs a line per torchvision operator it cannot register and warns about its
+    own pytree use; neither is about the user's model. A fresh process, as the registration runs
+    once per process."""
+    import os
+    import subprocess
+    import sys
+
+    target = str(tmp_path / "m.onnx")
+    code = (
+        "from transformers import AutoModelForSequenceClassification, BertConfig\n"
+        "from neuroprune.integrations.export import export_onnx\n"
+        "config = BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, "
+        "intermediate_size=48)\n"
+        f"print(export_onnx(AutoModelForSequenceClassification.from_config(config), {target!r}))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr
+    assert "m.onnx" in done.stdout
+    for noise in ("torchvision", "LeafSpec"):
+        assert noise not in done.stderr, done.stderr

@@ -8,6 +8,10 @@ forward hooks and export as `Gather` / `ScatterElements`.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,7 +84,7 @@ def export_onnx(
     target = Path(path)
     dims = {0: torch.export.Dim.DYNAMIC, 1: torch.export.Dim.DYNAMIC}
     try:
-        with torch.no_grad(), atomic_path(target) as tmp:
+        with torch.no_grad(), atomic_path(target) as tmp, _quiet_exporter():
             program = torch.onnx.export(
                 wrapped, tuple(probe[k] for k in INPUT_NAMES), dynamo=True, opset_version=opset,
                 input_names=list(INPUT_NAMES), output_names=[output_name],
@@ -100,6 +104,22 @@ def export_onnx(
                 f"the ONNX file {target} disagrees with PyTorch by {diff:.2e} (> {atol:.0e}); do not use it."
             )
     return ExportResult(target, output_name, diff)
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """Silence what torch's ONNX exporter prints about itself, not about the model: a line per
+    torchvision operator it cannot register when torchvision is absent (we export no vision
+    operator) and a `LeafSpec` FutureWarning from its own pytree use. Errors still raise."""
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    registration.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*LeafSpec.*", category=FutureWarning)
+            yield
+    finally:
+        registration.setLevel(level)
 
 
 def check_onnx(model: nn.Module, path: str | Path, batch: int, length: int) -> float:
