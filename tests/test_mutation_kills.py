@@ -1161,6 +1161,39 @@ def test_uniform_compaction_of_a_dense_fused_model_changes_nothing(family):
     torch.testing.assert_close(main_output(model, x), expected, atol=0, rtol=0)
 
 
+def test_uniform_compaction_keeps_the_neurons_whose_constant_needs_a_bias_the_config_lacks():
+    """StarCoder2 without biases (`use_bias=False`) and with a sigmoid MLP: a neuron whose c_fc
+    row is zero outputs sigmoid(0) = 0.5, which only a contract bias could carry, and the stock
+    config has none. Per layer neurons 0-9 get a zero row; 0-4 also a zero c_proj column (they add
+    nothing: removed), 5-9 keep theirs (kept): 43 of 48 neurons, the original rows 5-47, no bias,
+    same outputs (this branch, `if p.adds_bias`, is reached by a stock config)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from neuroprune.compaction import compact_uniform
+
+    from tiny import COMMON, CONFIGS
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("starcoder2", **COMMON,
+                                  **dict(CONFIGS["starcoder2"], use_bias=False, hidden_act="sigmoid"))
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    x = tiny_inputs("starcoder2")
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.c_fc.weight[:10] = 0.0
+            layer.mlp.c_proj.weight[:, :5] = 0.0
+    expected = main_output(model, x)
+    rows = [layer.mlp.c_fc.weight[5:].detach().clone() for layer in model.model.layers]
+    columns = [layer.mlp.c_proj.weight[:, 5:].detach().clone() for layer in model.model.layers]
+    result = compact_uniform(model, rule=CompactionRule(multiple_of=1))
+    assert result.neurons == 43 and result.min_neurons_needed == [43, 43]
+    assert model.config.intermediate_size == 43
+    for layer, row, column in zip(model.model.layers, rows, columns):
+        assert torch.equal(layer.mlp.c_fc.weight, row) and torch.equal(layer.mlp.c_proj.weight, column)
+        assert layer.mlp.c_fc.bias is None and layer.mlp.c_proj.bias is None
+    torch.testing.assert_close(main_output(model, x), expected, atol=1e-5, rtol=0)
+
+
 def test_uniform_compaction_keeps_the_strongest_dead_groups():
     """Layer 0 has one live group, layer 1 needs two: layer 0 keeps its live group 0 plus its dead
     group with the largest [Q, K, V] norm (group 3, scaled up; group 1 scaled down)."""

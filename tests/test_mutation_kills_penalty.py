@@ -168,7 +168,7 @@ def test_the_proximal_argument_overrides_the_default():
     assert in_loss.proximal is False
     loss = in_loss.regularization_loss()  # the penalty goes into the loss: alpha * sum |w|
     by_hand = 1e-3 * sum(float(m.detach().abs().sum()) for ms in weights_by_kind(model).values() for m in ms)
-    assert loss.requires_grad and float(loss) == pytest.approx(by_hand, rel=1e-5)
+    assert loss.requires_grad and float(loss.detach()) == pytest.approx(by_hand, rel=1e-5)
 
 
 def test_a_fresh_method_state_logs_and_summary_by_hand():
@@ -353,6 +353,28 @@ def test_limited_step_leaves_a_part_at_its_share_with_no_new_near_zero_entry():
     after = snapshot(model)
     assert sum(z for z, _ in counts_by_hand(model, eps, set(SUFFIX_KIND.values())).values()) == zeros
     assert any(not torch.equal(a, b) for k in before for a, b in zip(after[k], before[k]))  # a step was taken
+
+
+def test_limited_step_is_as_long_as_the_config_eps_allows():
+    """Every weight at least 0.005 in size, 320 exact zeros, room 0: the step stops just before
+    the smallest weights reach the config's eps = 1e-3, i.e. at c = (0.005 - 1e-3) / (lr alpha)
+    = 0.4 (not at 0.5, where they would reach zero)."""
+    model = tiny_model("bert")
+    with torch.no_grad():
+        for mats in weights_by_kind(model).values():
+            for m in mats:
+                m.copy_(torch.sign(m) * m.abs().clamp(min=0.005))
+        model.encoder.layer[0].attention.self.query.weight[:10] = 0.0
+    method = L1(model, L1Config(alpha=0.02, eps=1e-3),
+                target=SparsityTarget(320.5 / 14336, ramp_end=0.0, hold=False))
+    method.on_train_begin(10, torch.optim.SGD(model.parameters(), lr=0.5))
+    before = snapshot(model)
+    method.on_step_end(1)
+    amount = 0.5 * 0.02 * 0.4 * (1 - 1e-6)
+    for kind, mats in snapshot(model).items():
+        for got, w in zip(mats, before[kind]):
+            assert torch.allclose(got, soft_shrink(w, amount), rtol=0, atol=1e-7), kind
+    assert sum(z for z, _ in counts_by_hand(model, 1e-3, set(SUFFIX_KIND.values())).values()) == 320
 
 
 # --- state ------------------------------------------------------------------------------------------
