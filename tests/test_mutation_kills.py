@@ -1165,7 +1165,7 @@ def test_uniform_compaction_keeps_the_neurons_whose_constant_needs_a_bias_the_co
     """StarCoder2 without biases (`use_bias=False`) and with a sigmoid MLP: a neuron whose c_fc
     row is zero outputs sigmoid(0) = 0.5, which only a contract bias could carry, and the stock
     config has none. Per layer neurons 0-9 get a zero row; 0-4 also a zero c_proj column (they add
-    nothing: removed), 5-9 keep theirs (kept): 43 of 48 neurons, the original rows 5-47, no bias,
+    nothing: removed), 5-9 keep theirs (kept; 5's is all ones): 43 of 48 neurons, rows 5-47, no bias,
     same outputs (this branch, `if p.adds_bias`, is reached by a stock config)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -1182,6 +1182,7 @@ def test_uniform_compaction_keeps_the_neurons_whose_constant_needs_a_bias_the_co
         for layer in model.model.layers:
             layer.mlp.c_fc.weight[:10] = 0.0
             layer.mlp.c_proj.weight[:, :5] = 0.0
+            layer.mlp.c_proj.weight[:, 5] = 1.0  # non-zero, though no entry differs from 1
     expected = main_output(model, x)
     rows = [layer.mlp.c_fc.weight[5:].detach().clone() for layer in model.model.layers]
     columns = [layer.mlp.c_proj.weight[:, 5:].detach().clone() for layer in model.model.layers]
@@ -1405,3 +1406,81 @@ def test_uniform_widths_need_a_flop_target():
     assert SparsityTarget(flops=0.5, uniform=True).uniform is True
     with pytest.raises(ConfigError, match="give --target-flops F instead of --target-sparsity"):
         SparsityTarget(sparsity=0.9, uniform=True)
+
+
+class _AlibiAttn(_Attn):
+    """A block with a per-head ALiBi argument: its heads cannot be removed."""
+
+    def forward(self, hidden_states, alibi=None):
+        return self.o(self.q(hidden_states))
+
+
+def test_dead_groups_by_hand_and_none_where_heads_cannot_go():
+    """Llama layer 0 (4 query heads of 8 over 2 key/value groups): zero O columns 16..31 are
+    query heads 2, 3, i.e. group 1. In a block whose heads cannot be removed nothing is dead, and
+    the plan keeps every group."""
+    from neuroprune.compaction import dead_groups, plan_attention
+
+    unit = units_of(tiny_model("llama"))[0][0]
+    with torch.no_grad():
+        unit.o.weight[:, 16:] = 0.0
+    assert dead_groups(unit) == [1]
+    block = _AlibiAttn(8, 8, 8)
+    with torch.no_grad():
+        block.o.weight[:, 4:] = 0.0  # head 1 writes nothing
+    refused = AttentionUnit(Found("blk", block, _ATTN_LAYOUT), SimpleNamespace(head_dim=4))
+    assert refused.head_removal_refused and refused.num_kv_heads == 2
+    assert dead_groups(refused) == []
+    assert plan_attention(refused, CompactionRule(min_input_fraction=1.0)).keep_groups is None
+
+
+def test_multi_query_inputs_read_by_the_shared_key_value_head_stay():
+    """Multi-query block (2 query heads of 4, one shared key/value head); group 1 is dead (O
+    columns 4..7 zero). Input dims 0..3 are zero in the kept group 0's Q rows (group 1's Q rows
+    read them, which does not count) and in K and V, except dim 1 (read by K) and dim 2 (by V):
+    kept inputs 1, 2, 4..7."""
+    from neuroprune.compaction import plan_attention
+
+    block = _Attn(8, 8, 4)
+    with torch.no_grad():
+        block.o.weight[:, 4:] = 0.0
+        block.q.weight[:4, :4] = 0.0
+        block.k.weight[:, :4] = 0.0
+        block.v.weight[:, :4] = 0.0
+        block.k.weight[:, 1] = 1.0
+        block.v.weight[:, 2] = -1.0
+    unit = AttentionUnit(Found("blk", block, _ATTN_LAYOUT), SimpleNamespace(head_dim=4))
+    assert unit.multi_query
+    plan = plan_attention(unit, CompactionRule(min_input_fraction=0.0))
+    assert plan.keep_groups == [0] and plan.keep_inputs == [1, 2, 4, 5, 6, 7]
+
+
+def test_mlp_plan_kept_count_follows_its_removable_mask():
+    """BERT layer 0's MLP (48 neurons), neurons 0..9 with zero rows and biases (gelu(0) = 0):
+    38 kept. The count follows a replaced mask and one changed in place; a plan built without
+    the cached count counts it."""
+    from neuroprune.compaction import MLPPlan, plan_mlp
+
+    mlp = units_of(tiny_model("bert"))[1][0]
+    with torch.no_grad():
+        mlp.up.weight[:10] = 0.0
+        mlp.up.bias[:10] = 0.0
+    p = plan_mlp(mlp, CompactionRule(multiple_of=1))
+    assert p.kept_count == 38
+    replaced = torch.zeros(48, dtype=torch.bool)  # a new mask with the old one's _version
+    while replaced._version < p.removable._version:
+        replaced[0] = False
+    p.removable = replaced
+    assert p.kept_count == 48
+    p.removable[:5] = True  # in place
+    assert p.kept_count == 43
+    bare = MLPPlan(mlp, torch.tensor([True, False, False]), torch.zeros(3), False, None)
+    assert bare.kept_count == 2
+
+
+def test_to_host_reads_back_each_tensor_as_a_flat_list_of_the_dtype():
+    from neuroprune.compaction import to_host
+
+    assert to_host([]) == []
+    assert to_host([torch.tensor([[0.5, 0.0], [0.0, -2.0]])]) == [[True, False, False, True]]
+    assert to_host([torch.tensor([True, False]), torch.tensor([[3.0]])], torch.long) == [[1, 0], [3]]
