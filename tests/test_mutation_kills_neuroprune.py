@@ -170,10 +170,15 @@ def test_degree_weights_at_period_one_are_recomputed_on_every_call():
     assert method.degree_every_steps is None and method.degree_every == 1  # before on_train_begin too
     terms = _terms(model)
     _assert_row_weights(method.degree_weights(terms), terms)
-    assert method._degree_cache is None  # nothing kept at period 1
     with torch.no_grad():
         terms[0][0][:3] = 0.0  # three rows die
     _assert_row_weights(method.degree_weights(terms), terms)
+    # nothing is kept at period 1: a longer period set afterwards starts from the weights as they are
+    with torch.no_grad():
+        terms[2][0][:2] = 0.0
+    method.degree_every = 2
+    _assert_row_weights(method.degree_weights(terms), terms)
+    method.degree_every = 1
     # a cache left from a longer period is not read once the period is 1
     method.degree_every = 2
     cached = method.degree_weights(terms)
