@@ -84,6 +84,7 @@ TESTS = [
     "tests/test_uniform.py",
     "tests/test_structural.py",
     "tests/test_structured.py",
+    "tests/test_activation_scores.py",
 ]
 # Left out of the subset: it re-imports neuroprune in a fresh interpreter, which loads the unmutated
 # editable install (it can never kill a mutant) and costs ~4 s per mutant of compaction.py.
