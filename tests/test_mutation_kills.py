@@ -1484,3 +1484,53 @@ def test_to_host_reads_back_each_tensor_as_a_flat_list_of_the_dtype():
     assert to_host([]) == []
     assert to_host([torch.tensor([[0.5, 0.0], [0.0, -2.0]])]) == [[True, False, False, True]]
     assert to_host([torch.tensor([True, False]), torch.tensor([[3.0]])], torch.long) == [[1, 0], [3]]
+
+
+def _activation_method(model: nn.Module):
+    from neuroprune.methods import build_method as build
+
+    config = NeuroPruneConfig(alpha=0.0, beta=0.0, scores="activations")
+    return build("neuroprune", model, config, SparsityTarget(flops=0.5, seq_len=16))
+
+
+def test_activation_scores_without_a_training_pass_warn_once_with_the_full_message():
+    """No training pass since the last selection: one UserWarning, with the full message."""
+    import warnings
+
+    from neuroprune.methods.structural import Removed
+
+    method = _activation_method(tiny_model("bert"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        method.unit_scores(Removed())
+    assert [str(w.message) for w in caught] == [
+        "scores='activations': no training pass reached every pruned unit since the last selection "
+        "(is the model in training mode?); this selection uses the weight scores."]
+    assert caught[0].category is UserWarning
+
+
+def test_activation_neuron_scores_are_the_output_energy_times_the_degree_in_float32():
+    """A float64 BERT whose MLP neuron 3 lost half its fan-in (degree 0.5) and neuron 5 three
+    quarters (0.25): neuron j scores sqrt(mean a_j^2 * sum_i W_down[i, j]^2) * degree_j, in
+    float32 like every other score."""
+    from neuroprune.methods.structural import Removed
+
+    torch.manual_seed(0)
+    model = tiny_model("bert").double()
+    method = _activation_method(model)
+    mlp = method.index.mlps[0]
+    with torch.no_grad():
+        mlp.up.weight[3, :16] = 0.0
+        mlp.up.weight[5, :24] = 0.0
+    method.activations.attach()
+    model.train()
+    with torch.no_grad():
+        model(**tiny_inputs("bert"))
+    scores = method.unit_scores(Removed())
+    means = method.activations.means()["neurons"][0].double()
+    down = mlp.down.weight.detach()
+    degree = (mlp.up.weight.detach().abs() >= 1e-4).sum(1).double() / 32
+    assert degree[3] == 0.5 and degree[5] == 0.25
+    want = (means * down.pow(2).sum(0)).sqrt() * degree
+    assert scores.neurons[0].dtype == torch.float32
+    torch.testing.assert_close(scores.neurons[0].double(), want, rtol=1e-5, atol=0)
