@@ -170,7 +170,7 @@ def test_state_round_trips_through_json_and_resumes_the_same_window():
 
 
 def test_bad_scores_are_refused():
-    with pytest.raises(ConfigError, match="scores='norms' is not one of weights, activations"):
+    with pytest.raises(ConfigError, match="scores=.norms. is not one of auto, weights, activations"):
         NeuroPruneConfig(scores="norms").validate()
 
 
@@ -178,3 +178,14 @@ def test_means_before_any_training_pass_is_an_error():
     stats = ActivationStats(ModelIndex(tiny_model("bert")))
     with pytest.raises(RuntimeError, match="before every unit saw"):
         stats.means()
+
+
+@pytest.mark.parametrize("family, scores", [("bert", "weights"), ("t5", "weights"), ("llama", "activations"),
+                                            ("gpt2", "activations"), ("opt", "activations")])
+def test_auto_takes_the_family_default_and_an_explicit_choice_wins(family, scores):
+    target = SparsityTarget(flops=0.5, seq_len=16)
+    method = build_method("neuroprune", tiny_model(family), NeuroPruneConfig(), target)
+    assert method.scores == scores and (method.activations is not None) == (scores == "activations")
+    other = "weights" if scores == "activations" else "activations"
+    explicit = build_method("neuroprune", tiny_model(family), NeuroPruneConfig(scores=other), target)
+    assert explicit.scores == other and (explicit.activations is not None) == (other == "activations")

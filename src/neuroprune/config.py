@@ -19,8 +19,8 @@ if TYPE_CHECKING:
 
 MergeMode = Literal["output", "mlp_input", "none"]
 MERGE_MODES: tuple[str, ...] = ("output", "mlp_input", "none")
-UnitScoreKind = Literal["weights", "activations"]
-UNIT_SCORES: tuple[str, ...] = ("weights", "activations")
+UnitScoreKind = Literal["auto", "weights", "activations"]
+UNIT_SCORES: tuple[str, ...] = ("auto", "weights", "activations")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -135,13 +135,15 @@ class NeuroPruneConfig(MethodConfig):
             a 90% target forces Q, K, V and the MLPs to ~98%. Off by default (paper behaviour).
         tiny: added inside the square root of the group penalty so its gradient is finite at 0.
         scores: how units are ranked for removal under a FLOP target (`--target-flops`; unused
-            otherwise). ``"weights"`` (default): the paper's mechanisms on the weights alone
+            otherwise). ``"weights"``: the paper's mechanisms on the weights alone
             (`NeuroPrune.unit_scores`). ``"activations"``: the root mean energy each unit adds
             to its output, from the inputs seen in training (`methods/activation_scores.py`,
-            Wanda / FLAP style), times the neuron's degree. Weight-only scores remove
+            Wanda / FLAP style), times the neuron's degree. ``"auto"`` (default): the family's
+            default (`ArchSpec.unit_scores`): activations for decoder-only LLM families (Llama,
+            Qwen2, Mistral, GPT-2, OPT, ...), weights for the others. Weight-only scores remove
             load-bearing neurons of LLM-style decoders (SmolLM2: one-shot removal of 10% of the
             FLOPs leaves chance accuracy with weight scores, 78.5 of 82.0 with activation scores;
-            `docs/compaction.md`); use ``"activations"`` there.
+            `docs/sparsity_targets.md`); on MiniLM both are level.
     """
 
     alpha: float = 1e-4
@@ -151,7 +153,7 @@ class NeuroPruneConfig(MethodConfig):
     prune_heads: bool = True
     output_penalty: bool = False
     tiny: float = 1e-12
-    scores: UnitScoreKind = "weights"
+    scores: UnitScoreKind = "auto"
 
     def validate(self) -> None:
         super().validate()

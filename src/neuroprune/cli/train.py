@@ -63,8 +63,9 @@ HELP = {
     "every layer (no attention input dims), so `neuroprune compact --uniform` saves a model the stock "
     "class loads with no padding (Llama / Qwen2 / Mistral style families)",
     "scores": "neuroprune with --target-flops: how units are ranked for removal: weights (the paper's "
-    "mechanisms on the weights) or activations (the energy each unit adds to its output, from the inputs "
-    "seen in training; use it for LLM-style decoders such as Llama / Qwen2 / SmolLM2)",
+    "mechanisms on the weights), activations (the energy each unit adds to its output, from the inputs "
+    "seen in training) or auto (activations for decoder-only LLM families such as Llama / Qwen2 / GPT-2, "
+    "weights for the others)",
     "target_heads": "neuroprune with --target-sparsity: end with this many attention heads (theta is "
     "steered; head-pruning passes every few steps unless --prune-every-steps is given)",
     "distill_from": "recovery by distillation (opt-in): a fine-tuned dense teacher, the --output-dir of a "

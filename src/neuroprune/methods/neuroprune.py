@@ -29,6 +29,7 @@ from neuroprune.methods.penalty import Part, PenaltyMethod
 from neuroprune.methods.steering import SparsityTarget, cubic_schedule
 from neuroprune.methods.structural import Removed, StructuralPruner, UnitScores, alive_rows
 from neuroprune.model.activations import ActivationStats
+from neuroprune.model.architectures import default_unit_scores
 from neuroprune.model.index import ATTENTION_KINDS, MLP_KINDS, ModelIndex
 from neuroprune.model.sparsity import row_degree
 from neuroprune.model.surgery import ParamChange, weight_matrix
@@ -86,6 +87,8 @@ class NeuroPrune(PenaltyMethod):
         if target is not None and target.heads is not None:
             self._check_head_target(target)
         self.structural: StructuralPruner | None = None
+        # the unit scores in force: config.scores, with "auto" resolved by the model's family
+        self.scores = self.config.scores if self.config.scores != "auto" else default_unit_scores(self.model)
         self.activations: ActivationStats | None = None  # inputs seen since the last selection
         # refresh period of the cached preferential-attachment row weights (`degree_weights`);
         # None: 1, or the selection period under a FLOP target
@@ -99,7 +102,7 @@ class NeuroPrune(PenaltyMethod):
                 target = dataclasses.replace(target, kinds=tuple(k for k in target.kinds if k != "heads"))
             self.target = target
             self.structural = StructuralPruner(self.index, target, self.unit_scores, self._choose_groups)
-            if self.config.scores == "activations":
+            if self.scores == "activations":
                 self.activations = ActivationStats(self.index)
 
     def _check_head_target(self, target: SparsityTarget) -> None:
@@ -281,8 +284,8 @@ class NeuroPrune(PenaltyMethod):
         group l1 over the groups still present, per row (the group of the l_{1,0.5} term, section
         2; per row, so that a block that lost groups is not made to look weak); a
         key/value group's geometric mean of its output-projection and Q/K/V block l1 norms.
-        With `config.scores == "activations"`: `activation_scores` from the inputs seen since
-        the last selection, neurons times their degree."""
+        With activation scores (`config.scores`, "auto" by family): `activation_scores` from the
+        inputs seen since the last selection, neurons times their degree."""
         eps = self.config.eps
         if self.activations is not None:
             if self.activations.seen:

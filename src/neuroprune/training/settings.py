@@ -67,7 +67,7 @@ class TrainSettings:
     target_heads: int | None = None  # neuroprune: theta steered to end with this many heads
     target_flops: float | None = None  # fraction of the dense blocks' FLOPs (structural; not with sparsity)
     uniform_widths: bool = False  # with target_flops: the same widths in every layer (compact --uniform)
-    scores: str = "weights"  # neuroprune with target_flops: rank units by weights or by activations
+    scores: str = "auto"  # neuroprune with target_flops: rank units by weights / activations / family default
     distill_from: str | None = None  # dense teacher (run dir or model folder): recovery by distillation
     distill_temperature: float = 2.0
     distill_weight: float = 0.5  # share of the loss taken by the teacher's soft targets
@@ -113,7 +113,8 @@ class TrainSettings:
         self.method_config()
         check_distill_values(self.distill_temperature, self.distill_weight, self.distill_hidden_weight)
         check_method(self.method, self.target_sparsity, self.target_heads, self.target_flops)
-        if self.scores != "weights" and (self.method != "neuroprune" or self.target_flops is None):
+        structural = self.method == "neuroprune" and self.target_flops is not None
+        if self.scores not in ("auto", "weights") and not structural:
             raise ConfigError(f"scores={self.scores!r} ranks the units NeuroPrune removes under a FLOP "
                               "target: use it with --method neuroprune --target-flops F, or drop it.")
         if self.uniform_widths and self.target_flops is None:
