@@ -26,8 +26,13 @@ batch 1 and 8 x 64 tokens, so the speed-ups are ratios measured side by side und
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/uniform_training.py                # all of it
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/uniform_training.py --train free_f75 uniform_f75
 
-The committed results: the three default runs plus the F = 0.75 pair (trained because every F = 0.5
-run ended at chance), then `--measure --budget 20`.
+Further cells (see CELLS): `*_act` rank units by activations (`--scores activations`), `*_nopen`
+have no penalties, `ft_*` prune the dense run's classifier instead of the pretrained model (one
+more epoch on the same rows; the protocol of CoFi / nn_pruning). The committed results: the
+three default runs, the F = 0.75 pair, the activation-score runs, and the from-classifier F = 0.75
+pair + its weight-score twin, which is the one protocol where pruned runs stay above chance
+(docs/compaction.md); then `--measure --budget 120 --measure-cells ...` (the cells named in
+docs/compaction.md).
 
 Writes benchmarks/results/uniform_training.{json,md}; run folders under --work (not committed).
 """
@@ -61,6 +66,26 @@ for _level in (50, 75):
                                 {"method": "neuroprune", "target_flops": _level / 100})
     CELLS[f"uniform_f{_level}"] = (f"NeuroPrune F={_level / 100}, --uniform-widths",
                                    {**CELLS[f"free_f{_level}"][1], "uniform_widths": True})
+# the same runs ranking units by activations (`--scores activations`): weight scores remove
+# load-bearing SmolLM2 neurons (benchmarks/oneshot_scores.py), which left every run above at chance
+for _level in (50, 75):
+    for _kind in ("free", "uniform"):
+        _label, _settings = CELLS[f"{_kind}_f{_level}"]
+        CELLS[f"{_kind}_f{_level}_act"] = (f"{_label}, --scores activations",
+                                           {**_settings, "scores": "activations"})
+        CELLS[f"{_kind}_f{_level}_act_nopen"] = (f"{_label}, --scores activations --alpha 0 --beta 0",
+                                                 {**_settings, "scores": "activations", "alpha": 0.0,
+                                                  "beta": 0.0})
+# pruning a model that already knows the task: the dense run's classifier, one more epoch on the
+# same rows under the FLOP target (the protocol of CoFi / nn_pruning, which prune fine-tuned models)
+for _name in ("free_f50_act", "uniform_f50_act", "free_f50", "uniform_f50", "free_f75_act_nopen",
+              "uniform_f75_act_nopen", "free_f75_act", "uniform_f75_act"):
+    _label, _settings = CELLS[_name]
+    CELLS[f"ft_{_name}"] = (f"{_label}, from the dense classifier", {**_settings, "from_dense": True})
+# the weight scores under the same protocol (is it the scores that keep the run above chance?)
+CELLS["ft_weights_f75_nopen"] = (
+    "NeuroPrune F=0.75, free widths, --alpha 0 --beta 0, weight scores, from the dense classifier",
+    {**CELLS["free_f75"][1], "alpha": 0.0, "beta": 0.0, "from_dense": True})
 DEFAULT_CELLS = ["dense", "free_f50", "uniform_f50"]
 
 
@@ -68,6 +93,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--train", nargs="*", choices=list(CELLS), help="train only these runs")
     p.add_argument("--measure", action="store_true", help="only compact, time and write the results")
+    p.add_argument("--measure-cells", nargs="+", choices=list(CELLS), default=None,
+                   help="with --measure: only these trained runs (and dense); default: every trained run")
     p.add_argument("--train-samples", type=int, default=1024)
     p.add_argument("--validation-rows", type=int, default=256)
     p.add_argument("--test-rows", type=int, default=872, help="GLUE dev has 872; fewer = its first rows")
@@ -112,13 +139,19 @@ def write_data(args: argparse.Namespace) -> dict[str, Path]:
 
 
 def settings(name: str, args: argparse.Namespace, files: dict[str, Path]) -> dict[str, Any]:
-    return {"model": str(ensure_smollm2(args.model_dir)), "output_dir": str(args.work / "runs" / name),
+    cell = dict(CELLS[name][1])
+    model = str(ensure_smollm2(args.model_dir))
+    if cell.pop("from_dense", False):
+        model = str(args.work / "runs" / "dense" / "model")
+        if not Path(model).exists():
+            raise SystemExit(f"cell {name} starts from the dense run's classifier: run --train dense first")
+    return {"model": model, "output_dir": str(args.work / "runs" / name),
             "overwrite": True, "train_file": str(files["train"]),
             "validation_file": str(files["validation"]), "test_file": str(files["test"]),
             "task_name": "sst2", "epochs": 1, "batch_size": args.batch_size,
             "learning_rate": args.learning_rate, "warmup_ratio": args.warmup_ratio,
             "max_length": args.max_length, "weight_decay": 0.01, "eval_batch_size": 64,
-            "seed": args.seed, "logging_steps": 10, "report_to": "none", **CELLS[name][1]}
+            "seed": args.seed, "logging_steps": 10, "report_to": "none", **cell}
 
 
 def train_cell(name: str, args: argparse.Namespace, files: dict[str, Path]) -> dict[str, Any]:
@@ -210,8 +243,9 @@ def measure(args: argparse.Namespace, files: dict[str, Path]) -> dict[str, Any]:
     from neuroprune.model.index import ModelIndex
 
     torch.set_num_threads(args.threads)
+    wanted = None if args.measure_cells is None else {"dense", *args.measure_cells}
     trained = {n: json.loads((args.work / "trained" / f"{n}.json").read_text()) for n in CELLS
-               if (args.work / "trained" / f"{n}.json").exists()}
+               if (args.work / "trained" / f"{n}.json").exists() and (wanted is None or n in wanted)}
     if "dense" not in trained:
         raise SystemExit("the dense run is missing: run --train dense first")
     tok = AutoTokenizer.from_pretrained(Path(trained["dense"]["run_dir"]) / "model")
@@ -304,15 +338,16 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     above = {n: c["test_accuracy"] > floor for n, c in cells.items()}
     out.append({"target": f"every run above chance + 2 ({floor:.1f}%)", "met": all(above.values()),
                 "detail": ", ".join(f"{n} {c['test_accuracy']:.2f}" for n, c in cells.items())})
-    for level in (50, 75):
-        free, uniform = cells.get(f"free_f{level}"), cells.get(f"uniform_f{level}")
-        if not (free and uniform):
+    for name in cells:  # every free-widths run whose uniform twin (same settings) was measured too
+        free, uniform = cells[name], cells.get(name.replace("free_", "uniform_"))
+        if "free_" not in name or not uniform:
             continue
+        what = free["label"].replace(", free widths", "")
         gap = free["test_accuracy"] - uniform["test_accuracy"]
-        out.append({"target": f"F={level / 100}: uniform widths within 1 point of free widths (test)",
+        out.append({"target": f"{what}: uniform widths within 1 point of free widths (test)",
                     "met": gap <= 1.0, "detail": f"free - uniform = {gap:+.2f} points"})
         u = uniform["compaction"]
-        out.append({"target": f"F={level / 100}: compact --uniform of the uniform run pads nothing "
+        out.append({"target": f"{what}: compact --uniform of the uniform run pads nothing "
                               "(params = plain compact)",
                     "met": u["uniform"]["params"] == u["compacted"]["params"],
                     "detail": f"{u['uniform']['params']:,} vs {u['compacted']['params']:,}"})
