@@ -11,6 +11,13 @@ file (never a test split).
     .venv/bin/python benchmarks/oneshot_scores.py --model /tmp/uniform_training/runs/dense/model \\
         --validation /tmp/uniform_training/data/sst2/validation.jsonl --rows 256 --flops 0.9
 
+The `activations` cells score units by activation (`methods/activation_scores.py`) from eval-mode
+passes over calibration rows (`--calibration`, e.g. the training jsonl; never the scored rows):
+
+    .venv/bin/python benchmarks/oneshot_scores.py ... --methods activations \
+        --calibration /tmp/uniform_training/data/sst2/train.jsonl \
+        --out benchmarks/results/oneshot_scores_activations
+
 Writes benchmarks/results/oneshot_scores.{json,md}.
 """
 
