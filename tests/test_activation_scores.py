@@ -189,3 +189,35 @@ def test_auto_takes_the_family_default_and_an_explicit_choice_wins(family, score
     other = "weights" if scores == "activations" else "activations"
     explicit = build_method("neuroprune", tiny_model(family), NeuroPruneConfig(scores=other), target)
     assert explicit.scores == other and (explicit.activations is not None) == (other == "activations")
+
+
+def test_means_pool_ranks_through_the_all_reduce_given():
+    """Data parallelism: sums and counts are pooled (one all-reduce per kind) before dividing; two
+    ranks that saw the same rows give the one rank's means, a rank that saw other rows moves them."""
+    torch.manual_seed(0)
+    model = tiny_model("bert").train()
+    stats = ActivationStats(ModelIndex(model))
+    stats.attach()
+    with torch.no_grad():
+        model(**tiny_inputs("bert"))
+    alone = stats.means()
+    calls = []
+
+    def same_rows_twice(flat: torch.Tensor) -> None:
+        calls.append(flat.numel())
+        flat.mul_(2)
+
+    pooled = stats.means(same_rows_twice)
+    assert len(calls) == 3
+    for kind in ("neurons", "heads", "inputs"):
+        for a, b in zip(alone[kind], pooled[kind]):
+            torch.testing.assert_close(a, b)
+    n = stats.counts["neurons"][0]
+
+    def other_rank_saw_zeros(flat: torch.Tensor) -> None:  # its sums are 0, its counts equal ours
+        k = len(stats.counts["neurons"])
+        flat[-k:] *= 2
+
+    halved = stats.means(other_rank_saw_zeros)
+    torch.testing.assert_close(halved["neurons"][0], alone["neurons"][0] / 2)
+    assert n > 0

@@ -289,7 +289,8 @@ class NeuroPrune(PenaltyMethod):
         eps = self.config.eps
         if self.activations is not None:
             if self.activations.seen:
-                scores = activation_scores(self.index, self.activations.means(), removed)
+                pool = torch.distributed.all_reduce if distributed.is_distributed() else None
+                scores = activation_scores(self.index, self.activations.means(pool), removed)
                 scores.neurons = [s * row_degree([m.detach() for m in u.expand_matrices()], eps).to(s.dtype)
                                   for s, u in zip(scores.neurons, self.index.mlps)]
                 return scores

@@ -13,17 +13,18 @@ keeps, per unit, the mean square of the channels its removal would cut:
 Forward pre-hooks add squares and counts while the model is in training mode (never during
 evaluation, so the evaluation schedule cannot change a selection). Sums stay on the device; they
 are read back only when a method scores units. Under data-parallel training every rank sees other
-rows, so `means` sums the statistics over ranks first (all ranks then select the same units).
+rows, so the method passes `means` an all-reduce that sums the statistics over ranks first (all
+ranks then select the same units).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
-from neuroprune import distributed
 from neuroprune.model.index import ModelIndex
 
 KINDS = ("neurons", "heads", "inputs")
@@ -91,9 +92,10 @@ class ActivationStats:
             self.sums[kind] = [None] * len(self.sums[kind])
             self.counts[kind] = [0] * len(self.counts[kind])
 
-    def means(self) -> dict[str, list[torch.Tensor]]:
-        """Mean square of every channel since `reset` (summed over data-parallel ranks), per kind
-        and block. Call only when `seen`."""
+    def means(self, all_reduce: Callable[[torch.Tensor], Any] | None = None) -> dict[str, list[torch.Tensor]]:
+        """Mean square of every channel since `reset`, per kind and block; `all_reduce` (in place,
+        a sum: `torch.distributed.all_reduce` under data parallelism) pools the ranks' sums and
+        counts first. Call only when `seen`."""
         if not self.seen:
             raise RuntimeError("ActivationStats.means() before every unit saw a training forward pass")
         out: dict[str, list[torch.Tensor]] = {}
@@ -103,9 +105,9 @@ class ActivationStats:
                 out[kind] = []
                 continue
             counts = torch.tensor(self.counts[kind], dtype=torch.float64, device=sums[0].device)
-            if distributed.is_distributed():
+            if all_reduce is not None:
                 flat = torch.cat([s.double() for s in sums] + [counts])
-                torch.distributed.all_reduce(flat)
+                all_reduce(flat)
                 parts = flat.split([s.numel() for s in sums] + [counts.numel()])
                 sums, counts = [p.float() for p in parts[:-1]], parts[-1]
             out[kind] = [s / float(c) if c > 0 else s for s, c in zip(sums, counts.tolist())]
