@@ -1534,3 +1534,32 @@ def test_activation_neuron_scores_are_the_output_energy_times_the_degree_in_floa
     want = (means * down.pow(2).sum(0)).sqrt() * degree
     assert scores.neurons[0].dtype == torch.float32
     torch.testing.assert_close(scores.neurons[0].double(), want, rtol=1e-5, atol=0)
+
+
+def test_activation_scores_pool_the_statistics_over_ranks_under_data_parallelism(monkeypatch):
+    """Under torch.distributed the method hands `means` torch.distributed.all_reduce. Faked here as
+    a second rank that saw one token whose squares are all 1 (every sum and count + 1): neuron j
+    of MLP 0 then scores sqrt((s_j + 1) / (n + 1) * sum_i W_down[i, j]^2) * degree_j, s_j and n
+    the sums and token count of this rank."""
+    import torch.distributed as dist
+
+    from neuroprune import distributed
+    from neuroprune.methods.structural import Removed
+
+    torch.manual_seed(0)
+    model = tiny_model("bert")
+    method = _activation_method(model)
+    method.activations.attach()
+    model.train()
+    with torch.no_grad():
+        model(**tiny_inputs("bert"))
+    sums = method.activations.sums["neurons"][0].double().clone()
+    tokens = method.activations.counts["neurons"][0]
+    monkeypatch.setattr(distributed, "is_distributed", lambda: True)
+    monkeypatch.setattr(dist, "all_reduce", lambda t: t.add_(1.0))
+    scores = method.unit_scores(Removed())
+    mlp = method.index.mlps[0]
+    down = mlp.down.weight.detach().double()
+    degree = (mlp.up.weight.detach().abs() >= 1e-4).sum(1).double() / 32
+    want = ((sums + 1) / (tokens + 1) * down.pow(2).sum(0)).sqrt() * degree
+    torch.testing.assert_close(scores.neurons[0].double(), want, rtol=1e-5, atol=0)
