@@ -1493,20 +1493,18 @@ def _activation_method(model: nn.Module):
     return build("neuroprune", model, config, SparsityTarget(flops=0.5, seq_len=16))
 
 
-def test_activation_scores_without_a_training_pass_warn_once_with_the_full_message():
-    """No training pass since the last selection: one UserWarning, with the full message."""
-    import warnings
+def test_activation_scores_without_a_training_pass_warn_once_with_the_full_message(caplog):
+    """No training pass since the last selection: one logged warning, with the full message."""
+    import logging
 
     from neuroprune.methods.structural import Removed
 
     method = _activation_method(tiny_model("bert"))
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with caplog.at_level(logging.WARNING, logger="neuroprune.methods.neuroprune"):
         method.unit_scores(Removed())
-    assert [str(w.message) for w in caught] == [
+    assert [(r.levelno, r.getMessage()) for r in caplog.records] == [(logging.WARNING,
         "scores='activations': no training pass reached every pruned unit since the last selection "
-        "(is the model in training mode?); this selection uses the weight scores."]
-    assert caught[0].category is UserWarning
+        "(is the model in training mode?); this selection uses the weight scores.")]
 
 
 def test_activation_neuron_scores_are_the_output_energy_times_the_degree_in_float32():

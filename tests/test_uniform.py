@@ -139,6 +139,26 @@ def test_a_parameter_the_stock_class_lacks_is_refused_before_any_change():
     assert {k: v.shape for k, v in model.state_dict().items()} == shapes
 
 
+def test_a_family_whose_mlp_width_is_another_config_field_is_refused_before_any_change():
+    """OPT keeps its MLP width in `ffn_dim`: a config given `intermediate_size` still builds the old
+    width, so the refusal must come before the MLPs are narrowed (it used to come after)."""
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("opt", vocab_size=VOCAB, hidden_size=32, num_attention_heads=4,
+                                  ffn_dim=48, num_hidden_layers=2, word_embed_proj_dim=32,
+                                  max_position_embeddings=64)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    pruner = NeuroPrune(model, NeuroPruneConfig())
+    with torch.no_grad():
+        for unit in pruner.index.mlps:
+            weight_matrix(unit.down)[:, :8] = 0  # dead neurons: something to remove
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(UnsupportedArchitectureError, match="fc2 at 48 inputs, not 40"):
+        compact_uniform(pruner)
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
 def test_cli_uniform_saves_a_stock_folder(tmp_path, capsys):
     pruner = uneven_llama()
     x = tiny_inputs("llama")

@@ -448,6 +448,23 @@ def _check_names(model: nn.Module, stock: nn.Module) -> None:
         raise UnsupportedArchitectureError(_refusal(model, f"its stock model differs at {wrong[:3]}"))
 
 
+def _check_widths(index: ModelIndex, stock: nn.Module, groups: int, neurons: int) -> None:
+    """Refuse, before any surgery, a family whose stock model does not take the widths the new
+    config was given (e.g. OPT keeps its MLP width in `ffn_dim`, not `intermediate_size`): the
+    stock model's output projections must read `groups` heads' worth of columns and its contract
+    projections `neurons` inputs."""
+    names = {id(m): n for n, m in index.model.named_modules()}
+    wanted = [(u.o, groups * u.group_size * u.head_dim) for u in index.attention]
+    wanted += [(u.down, neurons) for u in index.mlps]
+    for module, width in wanted:
+        name = names[id(module)]
+        built = in_features(stock.get_submodule(name))
+        if built != width:
+            raise UnsupportedArchitectureError(_refusal(
+                index.model, f"its stock model built from the new config keeps {name} at {built} inputs, "
+                f"not {width}: the config field this family reads for that width is not the one set"))
+
+
 def _check_shapes(model: nn.Module, stock: nn.Module) -> None:
     own, built = model.state_dict(), stock.state_dict()
     wrong = sorted(k for k in own.keys() | built.keys()
@@ -519,6 +536,7 @@ def compact_uniform(model_or_index: nn.Module | ModelIndex | Any, config: Any = 
                **({"intermediate_size": neurons} if index.mlps else {})}
     new_config, stock = _stock_model(index.model, changes)  # refuses before anything changes
     _check_names(index.model, stock)  # so does this: parameters the stock class lacks or adds
+    _check_widths(index, stock, groups, neurons)  # and this: widths the new config does not set
     for p in base.attention:
         _uniform_groups(p, groups)
     for p in base.mlps:

@@ -6,8 +6,8 @@ target number of heads."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
-import warnings
 from typing import Any
 
 import torch
@@ -33,6 +33,8 @@ from neuroprune.model.architectures import default_unit_scores
 from neuroprune.model.index import ATTENTION_KINDS, MLP_KINDS, ModelIndex
 from neuroprune.model.sparsity import row_degree
 from neuroprune.model.surgery import ParamChange, weight_matrix
+
+logger = logging.getLogger(__name__)
 
 # The head target is reached after this fraction of the sparsity ramp: zeros a head-pruning pass
 # adds cannot be taken back, so the penalties must still have room to make up for them.
@@ -294,9 +296,9 @@ class NeuroPrune(PenaltyMethod):
                 scores.neurons = [s * row_degree([m.detach() for m in u.expand_matrices()], eps).to(s.dtype)
                                   for s, u in zip(scores.neurons, self.index.mlps)]
                 return scores
-            warnings.warn("scores='activations': no training pass reached every pruned unit since the "
-                          "last selection (is the model in training mode?); this selection uses the "
-                          "weight scores.", stacklevel=2)
+            logger.warning("scores='activations': no training pass reached every pruned unit since the "
+                           "last selection (is the model in training mode?); this selection uses the "
+                           "weight scores.")
         neurons = []
         for unit in self.index.mlps:
             mats = [m.detach() for m in unit.expand_matrices()]
