@@ -1561,3 +1561,32 @@ def test_activation_scores_pool_the_statistics_over_ranks_under_data_parallelism
     degree = (mlp.up.weight.detach().abs() >= 1e-4).sum(1).double() / 32
     want = ((sums + 1) / (tokens + 1) * down.pow(2).sum(0)).sqrt() * degree
     torch.testing.assert_close(scores.neurons[0].double(), want, rtol=1e-5, atol=0)
+
+
+def test_uniform_compaction_checks_the_output_projection_width_before_any_surgery():
+    """A Llama whose class builds W^O with `hidden_size` inputs whatever the head count (a family
+    that does not read the head fields `compact_uniform` sets): after group 1 of every layer went
+    (O columns 16..31 zero), the stock model would keep W^O at 32 inputs, not 16. Refused before
+    anything changed: the model's tensors are the same and hold the same values afterwards."""
+    from transformers import LlamaForCausalLM
+
+    from neuroprune.compaction import compact_uniform
+
+    from tiny import tiny_config
+
+    class _FixedOLlama(LlamaForCausalLM):
+        def __init__(self, config):
+            super().__init__(config)
+            for layer in self.model.layers:
+                layer.self_attn.o_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+
+    torch.manual_seed(0)
+    model = _FixedOLlama._from_config(tiny_config("llama"), attn_implementation="eager").eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight[:, 16:] = 0.0
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(UnsupportedArchitectureError, match="o_proj at 32 inputs, not 16"):
+        compact_uniform(model)
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
