@@ -493,14 +493,16 @@ class StructuralPruner:
         self.masks.build(self.removed)
         self.masks.apply()
 
+    def ramp_end_step(self) -> int:
+        """The step of the ramp's last selection."""
+        return math.ceil(self.target.ramp_end * self.total_steps)
+
     def ramp_done(self) -> bool:
         """True once the selection at the end of the ramp has run: no selection is left."""
-        end = math.ceil(self.target.ramp_end * self.total_steps)
-        return self.last_selection is not None and self.last_selection >= end
+        return self.last_selection is not None and self.last_selection >= self.ramp_end_step()
 
     def due(self, step: int) -> bool:
-        end = math.ceil(self.target.ramp_end * self.total_steps)
-        return not self.ramp_done() and (step % self.every == 0 or step >= end)
+        return not self.ramp_done() and (step % self.every == 0 or step >= self.ramp_end_step())
 
     def step(self, step: int) -> None:
         """After optimiser step `step`: hold the removed units at zero; select when due."""

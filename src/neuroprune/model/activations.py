@@ -77,8 +77,8 @@ class ActivationStats:
                 if old is None or old.shape != squares.shape:  # first batch, or the unit was compacted
                     self.sums[kind][block] = squares
                     self.counts[kind][block] = x.shape[0]
-                else:
-                    self.sums[kind][block] = old.to(squares.device) + squares  # loaded sums sit on the CPU
+                else:  # in place (`.to` moves loaded sums, which sit on the CPU, once)
+                    self.sums[kind][block] = old.to(squares.device).add_(squares)
                     self.counts[kind][block] += x.shape[0]
         return pre
 
@@ -100,17 +100,15 @@ class ActivationStats:
             raise RuntimeError("ActivationStats.means() before every unit saw a training forward pass")
         out: dict[str, list[torch.Tensor]] = {}
         for kind in KINDS:
-            sums = [s.clone() for s in self.sums[kind]]  # type: ignore[union-attr]
-            if not sums:
-                out[kind] = []
-                continue
-            counts = torch.tensor(self.counts[kind], dtype=torch.float64, device=sums[0].device)
-            if all_reduce is not None:
-                flat = torch.cat([s.double() for s in sums] + [counts])
+            sums: list[torch.Tensor] = self.sums[kind]  # type: ignore[assignment]  (all set: `seen`)
+            counts: list[float] = [float(c) for c in self.counts[kind]]
+            if all_reduce is not None and sums:
+                flat = torch.cat([s.double() for s in sums]
+                                 + [torch.tensor(counts, dtype=torch.float64, device=sums[0].device)])
                 all_reduce(flat)
-                parts = flat.split([s.numel() for s in sums] + [counts.numel()])
-                sums, counts = [p.float() for p in parts[:-1]], parts[-1]
-            out[kind] = [s / float(c) if c > 0 else s for s, c in zip(sums, counts.tolist())]
+                parts = flat.split([s.numel() for s in sums] + [len(counts)])
+                sums, counts = [p.float() for p in parts[:-1]], parts[-1].tolist()
+            out[kind] = [s / c for s, c in zip(sums, counts)]  # new tensors: the window is not touched
         return out
 
     def state_dict(self) -> dict[str, Any]:
