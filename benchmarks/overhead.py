@@ -21,8 +21,10 @@ is recorded per condition:
   would have to wait for.
 
 Cases: ``tiny`` (a random 4-layer BERT, hidden 128, 4 heads, FFN 512, batch 8 x 32, 1 thread: the
-per-operator-cost regime of a GPU running a small model) and ``minilm`` (the packaged
-all-MiniLM-L6-v2, 2 threads, batch 32 x 128).
+per-operator-cost regime of a GPU running a small model), ``tiny-llama`` (the same size as a
+Llama decoder: its FLOP target ranks units by activations, so the forward hooks are timed too),
+``minilm`` (the packaged all-MiniLM-L6-v2, 2 threads, batch 32 x 128) and, on request only,
+``smollm2`` (the packaged SmolLM2-135M, 2 threads, batch 8 x 64: the real decoder).
 
 Usage::
 
@@ -53,13 +55,13 @@ import transformers
 from torch.profiler import ProfilerActivity, profile, record_function
 from transformers import AutoModelForSequenceClassification, BertConfig, MPNetConfig
 
-from common import load, machine, summary, write_atomic
+from common import ensure_smollm2, load, machine, summary, write_atomic
 from neuroprune import NeuroPrune, NeuroPruneConfig, remap_optimizer
 from neuroprune.methods import registry
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # per-step time of every NeuroPrune condition / dense
-TARGETS = {"tiny": 1.10, "tiny-llama": 1.10, "minilm": 1.05}
+TARGETS = {"tiny": 1.10, "tiny-llama": 1.10, "minilm": 1.05, "smollm2": 1.10}
 PRUNE_TARGET_S = 1.0
 SYNC_OPS = ("aten::_local_scalar_dense", "aten::nonzero")
 HOOKS = ("method.regularization_loss", "method.on_step_end")
@@ -76,13 +78,19 @@ CASES: dict[str, dict[str, Any]] = {
     "minilm": {"threads": 2, "batch": 32, "length": 128, "warmup": 1, "repeats": 4, "total_steps": 100,
                "model": "packaged all-MiniLM-L6-v2 (resolve_model_path('minilm')), "
                         "AutoModelForSequenceClassification, num_labels 2"},
+    # the real decoder behind tiny-llama's figures (on request: needs the SmolLM2 package, see
+    # benchmarks/common.ensure_smollm2); told a 1-epoch-sized run, so selections come every ~70 steps
+    "smollm2": {"threads": 2, "batch": 8, "length": 64, "warmup": 1, "repeats": 8, "total_steps": 2000,
+                "model": "SmolLM2-135M (packaged GGUF converted by ensure_smollm2), "
+                         "AutoModelForSequenceClassification, num_labels 2, pad token = eos"},
 }
+DEFAULT_CASES = ["tiny", "tiny-llama", "minilm"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--label", default="after", help="key of this run in the JSON (e.g. before / after)")
-    p.add_argument("--cases", nargs="+", choices=tuple(CASES), default=list(CASES))
+    p.add_argument("--cases", nargs="+", choices=tuple(CASES), default=DEFAULT_CASES)
     p.add_argument("--repeats", type=int, default=0, help="timed steps per condition (0: the case's default)")
     p.add_argument("--warmup", type=int, default=-1, help="untimed steps per condition first (-1: default)")
     p.add_argument("--target-sparsity", type=float, default=0.9)
@@ -141,6 +149,11 @@ def build_model(case: str, seed: int) -> torch.nn.Module:
         config = LlamaConfig(vocab_size=1000, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
                              num_key_value_heads=2, intermediate_size=512, num_labels=2, pad_token_id=0)
         return AutoModelForSequenceClassification.from_config(config)
+    if case == "smollm2":
+        model = AutoModelForSequenceClassification.from_pretrained(ensure_smollm2(Path("/tmp/smollm2-135m")),
+                                                                   num_labels=2)
+        model.config.pad_token_id = model.config.eos_token_id
+        return model
     from neuroprune.model.packaged import resolve_model_path
 
     return AutoModelForSequenceClassification.from_pretrained(resolve_model_path("minilm"), num_labels=2)
