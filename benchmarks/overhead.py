@@ -399,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     old = result["runs"].get(args.label, {}).get("cases", {})
     entry["cases"] = {k: v for k, v in old.items() if k not in args.cases}
     for case in args.cases:  # written after each case: a long MiniLM run killed keeps the rest
-        entry["cases"][case] = run_case(case, args)
+        entry["cases"][case] = {**run_case(case, args), "command": entry["command"]}  # cases outlive runs
         result["runs"][args.label] = entry
         write_atomic(path, json.dumps(result, indent=2))
     if args.heads:
