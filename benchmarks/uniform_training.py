@@ -113,7 +113,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--work", type=Path, default=Path("/tmp/uniform_training"))
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--seeds-summary", nargs="+", type=Path, default=None, metavar="SOURCE",
-                   help="only summarise the free / uniform pair over seeds (SEEDS_PAIR): each SOURCE "
+                   help="only summarise the free / uniform pairs over seeds (SEED_PAIRS): each SOURCE "
                         "a --work folder of a seed's runs or a results JSON of this script; writes "
                         "uniform_training_seeds.{json,md}")
     return p.parse_args(argv)
@@ -362,19 +362,23 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
 # The measurement of docs/compaction.md, repeated with other seeds (`--seed S --work W`: another
 # training subset, classifier initialisation and batch order; its own dense classifier first):
 #   --seed 1 --work /tmp/ut_seed1 --train dense ft_free_f75_act_nopen ft_uniform_f75_act_nopen
-SEEDS_PAIR = ("ft_free_f75_act_nopen", "ft_uniform_f75_act_nopen")
+# The first pair is required of every source; the others are summarised over the sources that hold them.
+SEED_PAIRS: dict[str, tuple[str, str]] = {
+    "no penalties (--alpha 0 --beta 0)": ("ft_free_f75_act_nopen", "ft_uniform_f75_act_nopen"),
+    "default penalties (alpha = beta = 1e-4)": ("ft_free_f75_act", "ft_uniform_f75_act"),
+}
 
 
 def seed_cells(source: Path) -> dict[str, dict[str, Any]]:
-    """The dense and SEEDS_PAIR cells of one seed: a --work folder's trained/*.json, or the cells
-    of a results JSON this script wrote."""
-    wanted = ("dense", *SEEDS_PAIR)
+    """The dense run and every SEED_PAIRS run one seed holds: a --work folder's trained/*.json, or
+    the cells of a results JSON this script wrote."""
+    wanted = {"dense", *(n for pair in SEED_PAIRS.values() for n in pair)}
     if source.is_dir():
-        cells = {n: json.loads((source / "trained" / f"{n}.json").read_text()) for n in wanted
+        cells = {n: json.loads((source / "trained" / f"{n}.json").read_text()) for n in sorted(wanted)
                  if (source / "trained" / f"{n}.json").exists()}
     else:
         cells = {c["cell"]: c for c in json.loads(source.read_text())["cells"] if c["cell"] in wanted}
-    missing = [n for n in wanted if n not in cells]
+    missing = [n for n in ("dense", *next(iter(SEED_PAIRS.values()))) if n not in cells]
     if missing:
         raise SystemExit(f"{source}: no {', '.join(missing)} run; train it with --train {' '.join(missing)} "
                          "(same --seed and --work)")
@@ -384,72 +388,87 @@ def seed_cells(source: Path) -> dict[str, dict[str, Any]]:
     return cells
 
 
+def pair_rows(cells: dict[str, dict[str, Any]], pair: tuple[str, str], source: Path) -> dict[str, Any]:
+    free, uniform = (cells[n] for n in pair)
+    return {"seed": cells["dense"]["settings"]["seed"], "source": str(source),
+            **{f"{k}_{split}": c[f"{split}_accuracy"]
+               for k, c in (("dense", cells["dense"]), ("free", free), ("uniform", uniform))
+               for split in ("test", "validation")},
+            "flops_free": free["final"]["flops_fraction"],
+            "flops_uniform": uniform["final"]["flops_fraction"],
+            "gap_test": free["test_accuracy"] - uniform["test_accuracy"],
+            "gap_validation": free["validation_accuracy"] - uniform["validation_accuracy"]}
+
+
 def seeds_summary(sources: list[Path]) -> dict[str, Any]:
-    """Test and validation accuracy of dense, free and uniform per seed; the free - uniform gap
-    per seed, its mean and its standard error over seeds (paired: each seed's pair shares data,
-    classifier and batch order)."""
-    rows = []
-    for source in sources:
-        cells = seed_cells(source)
-        free, uniform = (cells[n] for n in SEEDS_PAIR)
-        rows.append({"seed": cells["dense"]["settings"]["seed"], "source": str(source),
-                     **{f"{k}_{split}": cells[n][f"{split}_accuracy"]
-                        for k, n in (("dense", "dense"), ("free", SEEDS_PAIR[0]), ("uniform", SEEDS_PAIR[1]))
-                        for split in ("test", "validation")},
-                     "flops_free": free["final"]["flops_fraction"],
-                     "flops_uniform": uniform["final"]["flops_fraction"],
-                     "gap_test": free["test_accuracy"] - uniform["test_accuracy"],
-                     "gap_validation": free["validation_accuracy"] - uniform["validation_accuracy"]})
-    if len({r["seed"] for r in rows}) != len(rows):
+    """Per pair of SEED_PAIRS: test and validation accuracy of dense, free and uniform per seed;
+    the free - uniform gap per seed, its mean and its standard error over seeds (paired: each
+    seed's pair shares data, classifier and batch order)."""
+    per_source = [(source, seed_cells(source)) for source in sources]
+    seeds = [cells["dense"]["settings"]["seed"] for _, cells in per_source]
+    if len(set(seeds)) != len(seeds):
         raise SystemExit("two sources hold the same seed: give each seed once")
-    rows.sort(key=lambda r: r["seed"])
-    summary = {}
-    for key in rows[0]:
-        values = [r[key] for r in rows]
-        if key in ("seed", "source"):
+    pairs = {}
+    for name, pair in SEED_PAIRS.items():
+        rows = sorted((pair_rows(cells, pair, source) for source, cells in per_source
+                       if all(n in cells for n in pair)), key=lambda r: r["seed"])
+        if not rows:
             continue
-        sem = statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else float("nan")
-        summary[key] = {"mean": statistics.fmean(values), "sem": sem}
-    return {"pair": list(SEEDS_PAIR), "seeds": rows, "summary": summary}
+        summary = {}
+        for key in rows[0]:
+            if key in ("seed", "source"):
+                continue
+            values = [r[key] for r in rows]
+            sem = statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else float("nan")
+            summary[key] = {"mean": statistics.fmean(values), "sem": sem}
+        pairs[name] = {"cells": list(pair), "seeds": rows, "summary": summary}
+    return {"pairs": pairs}
 
 
 def seeds_markdown(result: dict[str, Any]) -> str:
-    rows, summary = result["seeds"], result["summary"]
     keys = ["dense_test", "free_test", "uniform_test", "gap_test", "dense_validation", "free_validation",
             "uniform_validation", "gap_validation"]
     lines = ["# Training-side uniform widths over seeds: accuracy (SmolLM2-135M, SST-2)", "",
              f"`{result['command']}`; {result['machine']['cpu']}, torch {result['machine']['torch']}, "
              f"neuroprune {result['machine']['neuroprune']} ({result['machine']['git_commit']}).", "",
-             f"Pair: `{SEEDS_PAIR[0]}` (free widths) and `{SEEDS_PAIR[1]}` (`--uniform-widths`): "
-             "`--target-flops 0.75 --scores activations --alpha 0 --beta 0`, pruning the seed's own dense "
-             "classifier, 1 epoch of the seed's 1,024-row SST-2 subset (64 steps); test = GLUE dev (872 "
-             "rows), validation = 256 rows carved from GLUE train. Gap = free - uniform (positive: "
-             "uniform widths cost accuracy).", "",
-             "| seed | dense test | free test | uniform test | gap test | dense val. | free val. | "
-             "uniform val. | gap val. | block FLOPs (128 tokens) free / uniform |",
-             "|---|" + "---|" * (len(keys) + 1)]
-    for r in rows:
-        lines.append(f"| {r['seed']} | " + " | ".join(f"{r[k]:+.2f}" if k.startswith("gap") else f"{r[k]:.2f}"
-                                                       for k in keys)
-                     + f" | {r['flops_free']:.3f} / {r['flops_uniform']:.3f} |")
-    means = [f"{summary[k]['mean']:{'+' if k.startswith('gap') else ''}.2f} +- {summary[k]['sem']:.2f}"
-             for k in keys]
-    lines.append("| mean +- s.e. | " + " | ".join(means) + " | |")
-    lines += ["", *[f"- {t['target']}: {'met' if t['met'] else 'NOT met'} ({t['detail']})"
-                    for t in result["targets"]], ""]
+             "Each pair: free widths and `--uniform-widths`, `--target-flops 0.75 --scores activations`, "
+             "pruning the seed's own dense classifier, 1 epoch of the seed's 1,024-row SST-2 subset (64 "
+             "steps); test = GLUE dev (872 rows), validation = 256 rows carved from GLUE train. Gap = free "
+             "- uniform (positive: uniform widths cost accuracy).", ""]
+    for name, entry in result["pairs"].items():
+        rows, summary = entry["seeds"], entry["summary"]
+        lines += [f"## {name}: `{entry['cells'][0]}` / `{entry['cells'][1]}`", "",
+                  "| seed | dense test | free test | uniform test | gap test | dense val. | free val. | "
+                  "uniform val. | gap val. | block FLOPs (128 tokens) free / uniform |",
+                  "|---|" + "---|" * (len(keys) + 1)]
+        for r in rows:
+            shown = [f"{r[k]:+.2f}" if k.startswith("gap") else f"{r[k]:.2f}" for k in keys]
+            lines.append(f"| {r['seed']} | " + " | ".join(shown)
+                         + f" | {r['flops_free']:.3f} / {r['flops_uniform']:.3f} |")
+        means = [f"{summary[k]['mean']:{'+' if k.startswith('gap') else ''}.2f} +- {summary[k]['sem']:.2f}"
+                 for k in keys]
+        lines += ["| mean +- s.e. | " + " | ".join(means) + " | |"] if len(rows) > 1 else []
+        lines.append("")
+    lines += [*[f"- {t['target']}: {'met' if t['met'] else 'NOT met'} ({t['detail']})"
+                for t in result["targets"]], ""]
     return "\n".join(lines)
 
 
 def seeds_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
-    """Uniform within 1 point of free on the mean test gap; and whether the seeds can tell: a
-    mean gap two standard errors from zero is a cost (or a gain) the seeds resolve."""
-    gap = result["summary"]["gap_test"]
-    return [{"target": "uniform widths within 1 point of free widths (mean test gap over seeds)",
-             "met": gap["mean"] <= 1.0, "detail": f"{gap['mean']:+.2f} +- {gap['sem']:.2f} points, "
-             f"{len(result['seeds'])} seeds"},
-            {"target": "the gap is resolved (|mean| > 2 s.e.)",
-             "met": abs(gap["mean"]) > 2 * gap["sem"],
-             "detail": f"|{gap['mean']:+.2f}| vs 2 x {gap['sem']:.2f}"}]
+    """Per pair: uniform within 1 point of free on the mean test gap; and whether the seeds can
+    tell (with two or more): a mean gap two standard errors from zero is a cost (or a gain) the
+    seeds resolve."""
+    out = []
+    for name, entry in result["pairs"].items():
+        gap, n = entry["summary"]["gap_test"], len(entry["seeds"])
+        out.append({"target": f"{name}: uniform widths within 1 point of free widths (mean test gap)",
+                    "met": gap["mean"] <= 1.0,
+                    "detail": f"{gap['mean']:+.2f} +- {gap['sem']:.2f} points, {n} seed(s)"})
+        if n > 1:
+            out.append({"target": f"{name}: the gap is resolved (|mean| > 2 s.e.)",
+                        "met": abs(gap["mean"]) > 2 * gap["sem"],
+                        "detail": f"|{gap['mean']:+.2f}| vs 2 x {gap['sem']:.2f}"})
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
