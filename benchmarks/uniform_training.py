@@ -471,17 +471,23 @@ def seeds_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def write_results(result: dict[str, Any], out: Path, name: str,
+                  targets_of: Any, markdown_of: Any) -> None:
+    """Add the targets, then write NAME.json and NAME.md under `out` (atomically) and print the table."""
+    result["targets"] = targets_of(result)
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / f"{name}.json", json.dumps(result, indent=1))
+    write_atomic(out / f"{name}.md", markdown_of(result))
+    print(markdown_of(result))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    command = "python benchmarks/uniform_training.py " + " ".join(sys.argv[1:])
     if args.seeds_summary is not None:
-        result = {"command": "python benchmarks/uniform_training.py " + " ".join(sys.argv[1:]),
-                  "machine": machine(), "time": time.strftime("%Y-%m-%d %H:%M"),
+        result = {"command": command, "machine": machine(), "time": time.strftime("%Y-%m-%d %H:%M"),
                   **seeds_summary(args.seeds_summary)}
-        result["targets"] = seeds_targets(result)
-        args.out.mkdir(parents=True, exist_ok=True)
-        write_atomic(args.out / "uniform_training_seeds.json", json.dumps(result, indent=1))
-        write_atomic(args.out / "uniform_training_seeds.md", seeds_markdown(result))
-        print(seeds_markdown(result))
+        write_results(result, args.out, "uniform_training_seeds", seeds_targets, seeds_markdown)
         return 0
     files = write_data(args)
     before = load()
@@ -492,14 +498,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
     measured = measure(args, files)
     chosen = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    result = {"command": "python benchmarks/uniform_training.py " + " ".join(sys.argv[1:]),
-              "machine": machine(), "settings": chosen, "load_before": before, "load_after": load(),
-              "chance": chance(files), "time": time.strftime("%Y-%m-%d %H:%M"), **measured}
-    result["targets"] = targets(result)
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_atomic(args.out / "uniform_training.json", json.dumps(result, indent=1))
-    write_atomic(args.out / "uniform_training.md", markdown(result))
-    print(markdown(result))
+    result = {"command": command, "machine": machine(), "settings": chosen, "load_before": before,
+              "load_after": load(), "chance": chance(files), "time": time.strftime("%Y-%m-%d %H:%M"),
+              **measured}
+    write_results(result, args.out, "uniform_training", targets, markdown)
     return 0
 
 
