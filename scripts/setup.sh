@@ -19,7 +19,7 @@ NET=()
 # Best effort: a newer pip resumes interrupted downloads (--resume-retries, pip >= 25.1).
 quiet .venv/bin/python -m pip install -q --upgrade pip \
   || echo "setup: could not upgrade pip; going on with $(.venv/bin/python -m pip --version)" >&2
-if .venv/bin/python -m pip install --help | grep -q -- --resume-retries; then
+if .venv/bin/python -m pip install --help | grep -c -- --resume-retries > /dev/null; then  # -c: reads it all
   NET+=(--resume-retries 20)
 fi
 
@@ -34,8 +34,9 @@ install() {
       sleep $((attempt * 15))
     fi
   done
-  echo "setup: 'pip install $*' failed three times. Check the connection to the package index" \
-       "(pip config list; PIP_INDEX_URL) and run 'bash scripts/setup.sh' again; it resumes." >&2
+  echo "setup: 'pip install $*' failed three times (pip's error is above). If it is a network" \
+       "error, check the connection to the package index (pip config list; PIP_INDEX_URL) and run" \
+       "'bash scripts/setup.sh' again: what is installed stays installed." >&2
   return 1
 }
 
